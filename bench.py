@@ -1,0 +1,163 @@
+"""
+Benchmark the real training step (train.py) and the real sampler (diffusion.py).
+
+    python bench.py --preset cifar10 --batch-size 16                  # fp32 on the CPU
+    python bench.py --preset cifar10 --batch-size 16 --dtype bfloat16
+    python bench.py --preset celeba --device cuda --compile           # GPU
+    python bench.py --preset mnist5k --channels 32,64,128             # any train.py model flag
+
+Prints parameters, forward GFLOP per image, training images/s and MFU (3 x forward FLOPs x
+images/s over a matmul peak measured in the same run), sampling ms per network evaluation
+per image (DDIM), and peak memory.
+"""
+import argparse
+import copy
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.flop_counter as fc
+
+import train
+from diffusion import Diffusion
+from model import UNet, UNetConfig
+
+PRESET = "cifar10"  # any train.py preset: mnist5k | mnist | cifar10 | celeba | folder
+BATCH_SIZE = 16
+DEVICE = "auto"
+DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast)
+COMPILE = False
+STEPS = 5  # timed training steps (after 2 warm-up steps); sampling times STEPS x 4 evaluations
+SAMPLE_BATCH = 8
+
+# FlopCounterMode has no formula for the CPU flash-attention kernel behind
+# scaled_dot_product_attention: without this, attention FLOPs count as zero.
+for name, formula in [("_scaled_dot_product_flash_attention_for_cpu",
+                       lambda q, k, v, *a, out_shape=None, **kw: fc.sdpa_flop_count(q, k, v)),
+                      ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                       lambda go, q, k, v, *a, out_shape=None, **kw: fc.sdpa_backward_flop_count(go, q, k, v))]:
+    op = getattr(torch.ops.aten, name, None)
+    if op is not None and op not in fc.flop_registry:
+        fc.register_flop_formula(op)(formula)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, reps, device, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, n=2048):
+    """GFLOP/s of an n^3 matmul: the MFU denominator (on the CPU, run as a 1x1 convolution,
+    on oneDNN like the model's convolutions)."""
+    if device.type == "cpu":
+        x, w = torch.randn(1, n, n, 1, dtype=dtype), torch.randn(n, n, 1, 1, dtype=dtype)
+        fn = lambda: F.conv2d(x, w)
+    else:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        fn = lambda: a @ b
+    return 2 * n ** 3 / median_seconds(fn, 10, device) / 1e9
+
+
+def forward_flops(model, config, size, device):
+    x = torch.randn(1, config.in_channels, size, size, device=device)
+    with torch.no_grad(), fc.FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(1, dtype=torch.long, device=device))
+    return counter.get_total_flops()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def parse_args(argv=None):
+    p = train.Parser(description=__doc__.split("\n\n")[1].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default=PRESET, choices=sorted(train.PRESETS))
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--device", default=DEVICE)
+    p.add_argument("--dtype", default=DTYPE, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--compile", dest="use_compile", action=argparse.BooleanOptionalAction, default=COMPILE)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--sample-batch", type=int, default=SAMPLE_BATCH)
+    args, model_flags = p.parse_known_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.sample_batch < 1:
+        p.error("--steps, --batch-size and --sample-batch must be at least 1")
+    # the preset and any model flags, read exactly as train.py reads them
+    args.train = train.parse_args(["--dataset", args.preset, "--batch-size", str(args.batch_size),
+                                   "--device", args.device, "--dtype", args.dtype, *model_flags])
+    return args
+
+
+def bench(args):
+    targs = args.train
+    _, _, device = train.setup(targs)
+    channels = 1 if targs.dataset.startswith("mnist") else 3
+    size = targs.image_size or {"mnist5k": 28, "mnist": 28, "cifar10": 32}.get(targs.dataset, 64)
+    config = UNetConfig(channels, targs.channels, targs.attention, targs.num_res, targs.neck_length,
+                        targs.time_emb_dim, targs.dropout)
+    torch.manual_seed(0)
+    model = UNet(config).to(device)
+    diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)
+    dtype = train.amp_dtype(targs, device)
+    peak = matmul_peak(device, torch.float32)
+    flops = forward_flops(model, config, size, device)
+    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} px, "
+          f"{flops / 1e9:.3f} forward GFLOP/img | {device}, {dtype or torch.float32}, "
+          f"{torch.get_num_threads()} threads, compile {args.use_compile} | fp32 matmul peak {peak:.1f} GFLOP/s")
+
+    # the training step exactly as train.py runs it: train_step, then the EMA update
+    ema = copy.deepcopy(model).requires_grad_(False)
+    net = torch.compile(model) if args.use_compile else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    x = torch.rand(args.batch_size, channels, size, size, device=device) * 2 - 1
+
+    def step():
+        train.train_step(net, diffusion, optimizer, scaler, params, x, None, targs, dtype)
+        train.update_ema(ema_params, params, 1000, targs.ema_decay)
+    seconds = median_seconds(step, args.steps, device)
+    images = args.batch_size / seconds
+    achieved = 3 * flops * images / 1e9
+    print(f"train  batch {args.batch_size}: {seconds * 1e3:.1f} ms/step, {images:.1f} img/s, "
+          f"{achieved:.1f} GFLOP/s, MFU {achieved / peak * 100:.1f}%")
+
+    # the DDIM sampler from diffusion.py, timed per network evaluation
+    ema.eval()
+    shape, nfe = (args.sample_batch, channels, size, size), 4 * args.steps
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        seconds = median_seconds(lambda: diffusion.ddim_sample(ema, shape, nfe), 3, device, warmup=1)
+    per_nfe = seconds / nfe / args.sample_batch
+    print(f"sample batch {args.sample_batch}, DDIM {nfe} steps: {per_nfe * 1e3:.2f} ms/NFE/img, "
+          f"{flops / per_nfe / 1e9:.1f} GFLOP/s, MFU {flops / per_nfe / 1e9 / peak * 100:.1f}%")
+    print(f"peak memory {peak_memory_mb(device):.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})")
+    return {"images_per_s": images, "mfu": achieved / peak, "ms_per_nfe_per_image": per_nfe * 1e3}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return bench(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""
+Datasets by name. Every dataset yields (image, label): image a float tensor (C, H, W) with
+pixels in [-1, 1], label an int (0 where the dataset has none). `num_classes` is 0 for a
+dataset without labels; `hflip` says whether training should flip images at random
+(done on the batch, in train.py, by `random_hflip`).
+"""
+import os
+import pickle
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tv
+from torchvision import transforms as T
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DATASETS = ("mnist5k", "mnist", "cifar10", "celeba", "folder")
+
+
+def to_tensor(size):
+    """PIL image -> (C, size, size) in [-1, 1]: resize the short side, crop the centre."""
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(0.5, 0.5)])
+
+
+class ArrayDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels held in memory; no workers needed."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i].float().div(127.5).sub(1), self.labels[i]
+
+
+def mnist_arrays(images, labels, image_size):
+    """MNIST digits are 28 px; a larger size pads the black border (32 for a 4-level UNet)."""
+    if image_size < 28 or image_size % 2:
+        raise ValueError(f"MNIST images are 28 px: --image-size must be 28, 30, 32, ... not {image_size}")
+    pad = (image_size - 28) // 2
+    return ArrayDataset(torch.nn.functional.pad(images.unsqueeze(1), (pad,) * 4), labels)
+
+
+def mnist5k(image_size=28):
+    """5000 MNIST digits shipped in assets/ (500 per class): trains with no download."""
+    data = np.load(os.path.join(ASSETS, "mnist5k.npz"))
+    return mnist_arrays(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), image_size)
+
+
+def mnist(data_dir, image_size=28):
+    """The 60000 MNIST training digits, downloaded by torchvision into data_dir when missing."""
+    root = data_dir or "data"
+    try:
+        data = tv.MNIST(root, train=True, download=True)
+    except Exception as e:  # no network, a half-downloaded file...
+        raise FileNotFoundError(f"could not load or download MNIST into {root!r}: {e}") from None
+    return mnist_arrays(data.data, data.targets, image_size)
+
+
+def cifar10(data_dir, image_size=32):
+    """The 50000 CIFAR-10 training images from the python pickles in
+    data_dir/cifar-10-batches-py/, downloaded by torchvision when missing."""
+    if image_size != 32:
+        raise ValueError(f"CIFAR-10 images are 32 px, not {image_size}: drop --image-size")
+    root = data_dir or "data"
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if not os.path.isdir(folder):
+        try:
+            tv.CIFAR10(root, train=True, download=True)
+        except Exception as e:
+            raise FileNotFoundError(f"no {folder}/ and could not download CIFAR-10 into {root!r}: {e}") from None
+    images, labels = [], []
+    for i in range(1, 6):
+        path = os.path.join(folder, f"data_batch_{i}")
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            raise FileNotFoundError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+        images.append(torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
+        labels.append(torch.as_tensor(batch["labels"]))
+    return ArrayDataset(torch.cat(images), torch.cat(labels))
+
+
+def check_dir(path, what, where):
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} not found at {path!r}: {where}")
+
+
+class ImageFolder(Dataset):
+    """Every image file under `root` (recursively). With `labels`, the first-level sub-folder
+    names are the classes. A file that cannot be read is skipped with a warning naming it."""
+
+    def __init__(self, root, image_size, labels=False):
+        self.files = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        self.classes, self.labels = [], [0] * len(self.files)
+        if labels:
+            parts = [os.path.relpath(f, root).split(os.sep) for f in self.files]
+            if any(len(p) == 1 for p in parts):
+                raise ValueError(f"class labels need every image in a sub-folder (one per class) of {root!r}")
+            self.classes = sorted({p[0] for p in parts})
+            self.labels = [self.classes.index(p[0]) for p in parts]
+        self.root, self.transform = root, to_tensor(image_size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, path):
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB"))
+
+    def __getitem__(self, i):
+        # a corrupt file is replaced by the next readable one, so one bad image never stops a run
+        for j in range(len(self.files)):
+            k = (i + j) % len(self.files)
+            try:
+                return self.load(self.files[k]), self.labels[k]
+            except OSError as e:
+                warnings.warn(f"skipping unreadable image {self.files[k]}: {e}")
+        raise ValueError(f"no readable images under {self.root!r}")
+
+
+def celeba(data_dir, image_size=64):
+    """CelebA aligned faces: `img_align_celeba/*.jpg` under data_dir (the official zip and the
+    Kaggle copy both unpack to it); the official train split when list_eval_partition.txt is
+    there. Centre crop and resize, as in the DDPM paper's 64x64 CelebA setup."""
+    check_dir(data_dir, "CelebA folder", "give --data-dir, the folder that holds img_align_celeba/ "
+              "(download from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html or Kaggle)")
+    images = os.path.join(data_dir, "img_align_celeba")
+    if os.path.isdir(os.path.join(images, "img_align_celeba")):  # Kaggle nests it twice
+        images = os.path.join(images, "img_align_celeba")
+    check_dir(images, "img_align_celeba/", f"--data-dir {data_dir!r} must contain img_align_celeba/*.jpg")
+    dataset = ImageFolder(images, image_size)
+    for partition in (os.path.join(data_dir, "list_eval_partition.txt"),
+                      os.path.join(data_dir, "list_eval_partition.csv")):
+        if os.path.exists(partition):
+            with open(partition) as f:
+                rows = [line.replace(",", " ").split() for line in f]
+            train = {row[0] for row in rows if len(row) == 2 and row[1] == "0"}
+            dataset.files = [p for p in dataset.files if os.path.basename(p) in train]
+            dataset.labels = [0] * len(dataset.files)
+            break
+    if not dataset.files:
+        raise FileNotFoundError(f"no CelebA training images under {images!r}")
+    return dataset
+
+
+def load_dataset(name, data_dir=None, image_size=None, class_labels=False):
+    """The training set `name`, with attributes channels, image_size, num_classes and hflip."""
+    if name == "mnist5k":
+        dataset, channels, size, classes, hflip = mnist5k(image_size or 28), 1, image_size or 28, 10, False
+    elif name == "mnist":
+        size = image_size or 28
+        dataset, channels, classes, hflip = mnist(data_dir, size), 1, 10, False
+    elif name == "cifar10":
+        size = image_size or 32
+        dataset, channels, classes, hflip = cifar10(data_dir, size), 3, 10, True
+    elif name == "celeba":
+        size = image_size or 64
+        dataset, channels, classes, hflip = celeba(data_dir, size), 3, 0, True
+    elif name == "folder":
+        size = image_size or 64
+        check_dir(data_dir, "image folder", "give --data-dir, a folder of images (any depth)")
+        dataset = ImageFolder(data_dir, size, labels=class_labels)
+        channels, classes, hflip = 3, len(dataset.classes), True
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    dataset.channels, dataset.image_size, dataset.num_classes, dataset.hflip = channels, size, classes, hflip
+    return dataset
+
+
+def random_hflip(x):
+    """Flip each image of a batch left-right with probability 1/2 (uses the global RNG)."""
+    flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
+    return torch.where(flip, x.flip(3), x)

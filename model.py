@@ -1,0 +1,198 @@
+"""
+The UNet that predicts the noise (or v, or x0) from a noisy image x_t and its timestep t.
+
+conv in -> DownBlock per level -> neck -> mirrored UpBlocks -> GroupNorm, SiLU, conv out.
+Each level halves the resolution, except the bottom one; every UpBlock concatenates the
+output of its DownBlock (the skip connection). The timestep, and the class label when the
+model is conditional, enter every ResidualBlock through one embedding vector.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3
+    channels: tuple = (64, 128, 256, 256)  # width per level; the resolution halves between levels
+    attention: tuple = (False, False, True, True)  # self-attention at this level?
+    num_res: int = 2  # residual blocks per level, on the way down and on the way up
+    neck_length: int = 2  # residual blocks between the bottom DownBlock and UpBlock
+    time_emb_dim: int = 64  # sinusoidal embedding size; the MLP widens it 4x
+    dropout: float = 0.0
+    num_classes: int = 0  # 0 = unconditional; else labels 0..num_classes-1 (+1 "no label")
+
+    def __post_init__(self):
+        self.channels, self.attention = tuple(self.channels), tuple(bool(a) for a in self.attention)
+        if len(self.channels) != len(self.attention):
+            raise ValueError(f"channels {self.channels} and attention {self.attention} "
+                             "must have one entry per level")
+        for c in self.channels:
+            if c % 4 or c // 4 > 32 and c % 32:
+                raise ValueError(f"channel width {c} must be a multiple of 4 (of 32 above 128)")
+
+
+def Norm(channels):
+    # 32 groups from 128 channels up (as in Ho et al.), 4 channels per group below that
+    return nn.GroupNorm(min(32, channels // 4), channels)
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in Ho et al. 2020)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout):
+        super().__init__()
+        self.norm1 = Norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = Norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (Ho et al.)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):  # emb: the SiLU'd time (+ label) embedding, (B, emb_dim)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + self.skip(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels, head_dim=64):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = Norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C // heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Level(nn.Module):
+    """num_res ResidualBlocks at one width, each followed by attention if asked."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, num_res, attention, dropout):
+        super().__init__()
+        self.res = nn.ModuleList(ResidualBlock(in_ch if i == 0 else out_ch, out_ch, emb_dim, dropout)
+                                 for i in range(num_res))
+        self.attn = nn.ModuleList(Attention(out_ch) if attention else nn.Identity()
+                                  for _ in range(num_res))
+
+    def forward(self, x, emb):
+        for res, attn in zip(self.res, self.attn):
+            x = attn(res(x, emb))
+        return x
+
+
+class DownBlock(Level):
+    def __init__(self, in_ch, out_ch, emb_dim, num_res, attention, dropout, downsample):
+        super().__init__(in_ch, out_ch, emb_dim, num_res, attention, dropout)
+        self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1) if downsample else nn.Identity()
+
+    def forward(self, x, emb):
+        skip = super().forward(x, emb)
+        return self.down(skip), skip
+
+
+class UpBlock(Level):
+    def __init__(self, in_ch, skip_ch, out_ch, emb_dim, num_res, attention, dropout, upsample):
+        super().__init__(in_ch + skip_ch, out_ch, emb_dim, num_res, attention, dropout)
+        self.upsample = upsample
+
+    def forward(self, x, skip, emb):
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return super().forward(torch.cat([x, skip], dim=1), emb)
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        levels, emb_dim = len(c.channels), 4 * c.time_emb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(c.time_emb_dim, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        # index num_classes is "no label": unconditional samples, classifier-free guidance
+        self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.conv_in = nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1)
+        widths = (c.channels[0],) + c.channels
+        self.downs = nn.ModuleList(
+            DownBlock(widths[i], widths[i + 1], emb_dim, c.num_res, c.attention[i], c.dropout,
+                      downsample=i < levels - 1) for i in range(levels))
+        self.neck = nn.ModuleList(ResidualBlock(c.channels[-1], c.channels[-1], emb_dim, c.dropout)
+                                  for _ in range(c.neck_length))
+        self.ups = nn.ModuleList(
+            UpBlock(c.channels[min(i + 1, levels - 1)], c.channels[i], c.channels[i], emb_dim,
+                    c.num_res, c.attention[i], c.dropout, upsample=i < levels - 1)
+            for i in reversed(range(levels)))
+        self.norm_out = Norm(c.channels[0])
+        self.conv_out = nn.Conv2d(c.channels[0], c.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x, t, y=None):
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps 0..T-1; y: (B,) labels or None."""
+        emb = self.time_mlp(timestep_embedding(t, self.config.time_emb_dim))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.config.num_classes)
+            emb = emb + self.label_emb(y)
+        emb = F.silu(emb)  # every block's projection starts with SiLU: do it once here
+        x = self.conv_in(x)
+        skips = []
+        for down in self.downs:
+            x, skip = down(x, emb)
+            skips.append(skip)
+        for res in self.neck:
+            x = res(x, emb)
+        for up in self.ups:
+            x = up(x, skips.pop(), emb)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+def check_image_size(image_size, config):
+    """Every level but the bottom halves the image: the size must divide by 2^(levels-1)."""
+    factor = 2 ** (len(config.channels) - 1)
+    if image_size % factor:
+        raise ValueError(f"image size {image_size} cannot be halved {len(config.channels) - 1} "
+                         f"times: use a multiple of {factor}, or fewer levels in --channels")
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (tensors and plain Python values only; no code is run)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as e:  # pickled code, truncated file, not a checkpoint at all
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a safe, readable checkpoint ({reason[:200]})") from None
+
+
+def model_from_checkpoint(ckpt, ema=True):
+    """Rebuild the UNet from the config stored in a checkpoint, with its (EMA) weights."""
+    model = UNet(UNetConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
+    return model
+
+
+def config_dict(config):
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}

@@ -1,0 +1,207 @@
+"""
+Sample from a trained DDPM: a grid PNG, a GIF of the denoising, or many images for FID.
+
+    python sample.py                                    # 8x8 grid, DDIM 100 steps, EMA weights
+    python sample.py --method ddpm --ema --nrow 4       # ancestral sampling over all T steps
+    python sample.py --method dpm --steps 20 --gif out/denoise.gif
+    python sample.py --label all --guidance 2           # class-conditional: one row per class
+    python sample.py --num 50000 --npz samples.npz      # for FID (--png-dir DIR for PNGs)
+
+Image i is drawn from seed + i alone, so the same seed gives the same images whatever the
+batch size, and a long export can be split or resumed with --start.
+"""
+import argparse
+import math
+import os
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from diffusion import Diffusion
+from model import load_checkpoint, model_from_checkpoint
+
+CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
+METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
+STEPS = None  # None = 100 for ddim, 20 for dpm; ddpm always takes T
+ETA = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+EMA = True  # sample with the EMA weights
+NROW = 8  # the grid is NROW x NROW images (NROW per class with --label all)
+SEED = 0
+LABEL = None  # class-conditional models: a class index, or "all" for one row per class
+GUIDANCE = 1.0  # classifier-free guidance scale: 1 = conditional, 0 = unconditional
+OUT = None  # grid PNG; None = sample_<method>.png beside the checkpoint
+GIF = None  # also write an animated GIF of the denoising here
+NUM = None  # export mode: this many images to --npz and/or --png-dir
+NPZ = None  # uint8 NHWC under key arr_0 (the ADM evaluation suite's format)
+PNG_DIR = None  # numbered PNGs (pytorch-fid, clean-fid)
+START = 0  # index of the first image to export
+BATCH_SIZE = 64
+DEVICE = "auto"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None):
+    p = Parser(description="Sample from a trained DDPM.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=CKPT)
+    p.add_argument("--method", default=METHOD, choices=("ddpm", "ddim", "dpm"))
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--eta", type=float, default=ETA)
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=EMA)
+    p.add_argument("--nrow", type=int, default=NROW)
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--label", default=LABEL, help="class index or 'all'")
+    p.add_argument("--guidance", type=float, default=GUIDANCE)
+    p.add_argument("--out", default=OUT)
+    p.add_argument("--gif", default=GIF)
+    p.add_argument("--num", type=int, default=NUM)
+    p.add_argument("--npz", default=NPZ)
+    p.add_argument("--png-dir", default=PNG_DIR)
+    p.add_argument("--start", type=int, default=START)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--device", default=DEVICE)
+    args = p.parse_args(argv)
+    for name in ("nrow", "batch_size") + (("num",) if args.num is not None else ()):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
+    if args.method == "ddpm" and args.steps is not None:
+        p.error("--method ddpm always takes all T steps: use ddim or dpm for fewer")
+    if args.start < 0:
+        p.error("--start must be 0 or more")
+    if (args.npz or args.png_dir) and args.num is None:
+        p.error("--npz and --png-dir need --num")
+    return args
+
+
+def parse_label(label, num_classes):
+    """None, 'all', or a class index checked against the model."""
+    if label is None:
+        return None
+    if num_classes == 0:
+        raise ValueError("--label needs a class-conditional model (train.py --class-cond)")
+    if label == "all":
+        return "all"
+    if not label.lstrip("-").isdigit() or not 0 <= int(label) < num_classes:
+        raise ValueError(f"--label must be 'all' or a class index 0..{num_classes - 1}, not {label!r}")
+    return int(label)
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW floats -> uint8 NHWC."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def to_pil_grid(x, nrow):
+    return Image.fromarray(make_grid(to_uint8(x).permute(0, 3, 1, 2), nrow=nrow, padding=2).permute(1, 2, 0).numpy().squeeze())
+
+
+def generate(diffusion, model, args, indices, labels, callback=None):
+    """Images indices[0..] (each from its own seed), from the sampler args.method picks."""
+    c = model.config
+    shape = (len(indices), c.in_channels, args.image_size, args.image_size)
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
+    return diffusion.sample(model, shape, args.method, args.steps, args.eta, generator=generators,
+                            y=labels, guidance=args.guidance, callback=callback)
+
+
+def sample_grid(diffusion, model, args, label, device):
+    """One grid PNG (and a GIF of the denoising when asked); returns the PNG's path."""
+    num_classes = model.config.num_classes
+    if label == "all":
+        n, nrow = args.nrow * num_classes, args.nrow
+        labels = torch.arange(num_classes, device=device).repeat_interleave(args.nrow)
+    else:
+        n, nrow = args.nrow ** 2, args.nrow
+        labels = None if label is None else torch.full((n,), label, device=device)
+    total = diffusion.T if args.method == "ddpm" else args.steps or {"ddim": 100, "dpm": 20}[args.method]
+    keep = set(np.linspace(0, total - 1, min(total, 80)).round().astype(int).tolist())  # ~80 GIF frames
+    frames, bar = [], tqdm(total=total, desc=f"{args.method} x {n} images", file=sys.stderr)
+
+    def callback(i, steps, x, x0):
+        bar.update(1)
+        if args.gif and i in keep:
+            frames.append(to_pil_grid(x.clamp(-1, 1), nrow))
+
+    x = generate(diffusion, model, args, range(n), labels, callback)
+    bar.close()
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"sample_{args.method}.png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    to_pil_grid(x, nrow).save(out)
+    if args.gif:
+        os.makedirs(os.path.dirname(args.gif) or ".", exist_ok=True)
+        durations = [40] * (len(frames) - 1) + [2000]  # hold the last frame
+        frames[0].save(args.gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        print(args.gif)
+    return out
+
+
+def export(diffusion, model, args, label, device):
+    """--num images from --start, in batches, to an .npz (arr_0, uint8 NHWC) and/or PNGs."""
+    num_classes, shape = model.config.num_classes, (args.image_size, args.image_size, model.config.in_channels)
+    if args.png_dir:
+        os.makedirs(args.png_dir, exist_ok=True)
+    if args.npz:  # written batch by batch to a .npy on disk, then zipped: memory stays flat
+        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
+        tmp = tempfile.NamedTemporaryFile(suffix=".npy", dir=os.path.dirname(os.path.abspath(args.npz)), delete=False)
+        tmp.close()
+        array = np.lib.format.open_memmap(tmp.name, mode="w+", dtype=np.uint8, shape=(args.num, *shape))
+    bar = tqdm(total=args.num, desc="images", unit="img", file=sys.stderr)
+    for first in range(args.start, args.start + args.num, args.batch_size):
+        indices = list(range(first, min(first + args.batch_size, args.start + args.num)))
+        labels = None
+        if label is not None:
+            labels = torch.tensor([i % num_classes if label == "all" else label for i in indices], device=device)
+        images = to_uint8(generate(diffusion, model, args, indices, labels)).numpy()
+        for i, image in zip(indices, images):
+            if args.png_dir:
+                Image.fromarray(image.squeeze()).save(os.path.join(args.png_dir, f"{i:06d}.png"))
+        if args.npz:
+            array[first - args.start:first - args.start + len(indices)] = images
+        bar.update(len(indices))
+    bar.close()
+    if args.npz:
+        array.flush()
+        del array
+        with zipfile.ZipFile(args.npz, "w") as zf:
+            zf.write(tmp.name, "arr_0.npy")
+        os.remove(tmp.name)
+    return args.npz or args.png_dir
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+        if not args.ema and "model" not in ckpt:
+            raise ValueError(f"{args.ckpt} holds only the EMA weights: drop --no-ema")
+        model = model_from_checkpoint(ckpt, ema=args.ema)
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        model = model.to(device).eval()
+        d = ckpt["diffusion"]
+        diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
+        args.image_size = ckpt["args"]["image_size"]
+        label = parse_label(args.label, model.config.num_classes)
+        if args.steps is not None and args.steps > diffusion.T:
+            raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+        path = export(diffusion, model, args, label, device) if args.num else sample_grid(diffusion, model, args, label, device)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""Tests: CPU only, tiny shapes, fixed seeds. Run with `python -m pytest -q`."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+from diffusion import Diffusion, cosine_betas, linear_betas, timesteps
+from model import UNet, UNetConfig, load_checkpoint
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--channels", "8,16", "--attention", "0,1", "--num-res", "1", "--neck-length", "1",
+        "--time-emb-dim", "16", "--timesteps", "20", "--batch-size", "8", "--log-every", "1",
+        "--device", "cpu", "--sample-steps", "2", "--warmup-steps", "2"]
+
+
+# ---------------------------------------------------------------- model
+
+@pytest.mark.parametrize("config, size", [
+    (UNetConfig(1, (8,), (False,), 1, 1, 16), 12),  # one level: no down- or upsampling
+    (UNetConfig(3, (8, 16, 16), (False, False, True), 2, 1, 16), 16),
+    (UNetConfig(3, (8, 8, 16, 16, 16), (False, True, False, True, True), 1, 0, 16), 16),  # 5 levels
+    (UNetConfig(1, (8, 16, 16), (False, False, True), 1, 1, 16, num_classes=10), 28),  # conditional
+])
+def test_unet_output_shape_matches_input(config, size):
+    torch.manual_seed(0)
+    model = UNet(config)
+    x = torch.randn(2, config.in_channels, size, size)
+    y = torch.tensor([3, config.num_classes]) if config.num_classes else None
+    assert model(x, torch.tensor([0, 19]), y).shape == x.shape
+
+
+def test_conditional_unet_uses_the_label():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(1, (8, 16), (False, True), 1, 1, 16, num_classes=3)).eval()
+    for p in model.parameters():  # the zero-initialised output convs would hide the label
+        torch.nn.init.normal_(p, std=0.1)
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([5])
+    assert not torch.allclose(model(x, t, torch.tensor([0])), model(x, t, torch.tensor([1])))
+    assert torch.equal(model(x, t), model(x, t, torch.tensor([3])))  # no label == index num_classes
+
+
+def test_unet_config_rejects_mismatched_levels():
+    with pytest.raises(ValueError, match="one entry per level"):
+        UNetConfig(1, (8, 16), (True,))
+
+
+# ---------------------------------------------------------------- schedules and q_sample
+
+def test_linear_schedule_endpoints():
+    betas = linear_betas(1000)
+    assert betas.dtype == torch.float64
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+
+
+def test_cosine_schedule_is_monotone_and_capped():
+    betas = cosine_betas(1000)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    assert (betas > 0).all() and (betas <= 0.999).all()
+    assert (alpha_bar[1:] < alpha_bar[:-1]).all()
+    assert alpha_bar[0] > 0.9999 and alpha_bar[-1] < 1e-4
+
+
+def test_posterior_variance_matches_ho_et_al():
+    d = Diffusion(50, "linear")
+    t = 10
+    expected = d.betas[t] * (1 - d.alpha_bar[t - 1]) / (1 - d.alpha_bar[t])
+    assert d.posterior_variance[t].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert d.posterior_variance[0].item() == 0
+
+
+def test_q_sample_has_the_right_mean_and_std():
+    torch.manual_seed(0)
+    d = Diffusion(1000, "cosine")
+    x0 = torch.full((20000, 1, 1, 1), 0.5)
+    t = torch.full((20000,), 600)
+    xt = d.q_sample(x0, t, torch.randn_like(x0))
+    assert xt.mean().item() == pytest.approx(0.5 * d.sqrt_alpha_bar[600].item(), abs=0.02)
+    assert xt.std().item() == pytest.approx(d.sqrt_one_minus_alpha_bar[600].item(), abs=0.02)
+
+
+def test_timesteps_start_at_T_minus_1_and_end_at_0():
+    for steps in (1, 2, 7, 50):
+        ts = timesteps(50, steps)
+        assert ts[0] == 49 and len(ts) == steps and len(set(ts)) == steps
+        assert steps == 1 or ts[-1] == 0
+    assert timesteps(50, 50) == list(range(49, -1, -1))
+    with pytest.raises(ValueError):
+        timesteps(50, 51)
+
+
+# ---------------------------------------------------------------- samplers against an exact model
+
+class Oracle(torch.nn.Module):
+    """The exact predictor for a one-image dataset x*: eps = (xt - sqrt(a) x*) / sqrt(1 - a)."""
+
+    def __init__(self, diffusion, x_star, num_classes=0):
+        super().__init__()
+        self.d, self.x_star, self.calls = diffusion, x_star, 0
+        self.config = UNetConfig(x_star.shape[1], (8,), (False,), num_classes=num_classes)
+
+    def forward(self, xt, t, y=None):
+        self.calls += 1
+        d, x0 = self.d, self.x_star.expand_as(xt)
+        eps = (xt - d._at(d.sqrt_alpha_bar, t) * x0) / d._at(d.sqrt_one_minus_alpha_bar, t)
+        return d.target(x0, t, eps)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+@pytest.mark.parametrize("method, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.0), ("ddim", 7, 1.0),
+                                                ("ddim", 1, 0.0), ("dpm", 10, 0.0), ("dpm", 3, 0.0)])
+def test_every_sampler_lands_on_the_single_training_image(objective, method, steps, eta):
+    torch.manual_seed(0)
+    d = Diffusion(50, "linear", objective)
+    x_star = torch.rand(1, 3, 8, 8) * 2 - 1
+    x = d.sample(Oracle(d, x_star), (4, 3, 8, 8), method, steps, eta, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(x, x_star.expand_as(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
+def test_objective_conversions_round_trip(objective):
+    torch.manual_seed(0)
+    d = Diffusion(100, "cosine", objective)
+    x0, eps, t = torch.randn(6, 2, 4, 4), torch.randn(6, 2, 4, 4), torch.randint(0, 100, (6,))
+    xt = d.q_sample(x0, t, eps)
+    x0_back, eps_back = d.x0_eps(xt, t, d.target(x0, t, eps))
+    assert torch.allclose(x0_back, x0, atol=1e-3) and torch.allclose(eps_back, eps, atol=1e-3)
+
+
+def test_min_snr_weights_equal_the_formula():
+    d = Diffusion(1000, "linear")
+    t = torch.tensor([0, 300, 999])
+    alpha_bar = torch.cumprod(1 - linear_betas(1000), 0)[t]  # in float64
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=5.0)
+    for objective, expected in [("eps", clipped / snr), ("v", clipped / (snr + 1)), ("x0", clipped)]:
+        d.objective = objective
+        assert torch.allclose(d.loss_weight(t, 5.0).double(), expected, rtol=1e-5)
+    assert snr[0] > 5 > snr[2]  # both sides of gamma are exercised
+
+
+def test_ddim_eta0_is_deterministic():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(1, (8, 16), (False, True), 1, 1, 16)).eval()
+    d = Diffusion(20)
+    run = lambda: d.ddim_sample(model, (2, 1, 8, 8), 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(run(), run())
+
+
+def test_per_image_seeds_do_not_depend_on_the_batch():
+    d = Diffusion(20)
+    model = Oracle(d, torch.zeros(1, 1, 4, 4))
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    full = d.ddpm_sample(model, (4, 1, 4, 4), generator=gens(range(4)))
+    part = d.ddpm_sample(model, (2, 1, 4, 4), generator=gens(range(2, 4)))
+    assert torch.equal(full[2:], part)
+
+
+class Affine(torch.nn.Module):
+    """A stand-in network whose output depends on the label, to check guidance arithmetic."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.config, self.calls = UNetConfig(1, (8,), (False,), num_classes=num_classes), 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return 0.1 * x + 0.01 * y.float().view(-1, 1, 1, 1)
+
+
+def test_guidance_mixes_conditional_and_unconditional_in_one_forward():
+    d, model = Diffusion(20), Affine()
+    x, y, null = torch.randn(2, 1, 4, 4), torch.tensor([0, 2]), torch.tensor([3, 3])
+    cond = d.predict(model, x, 7, y, 1.0)[0]
+    uncond = d.predict(model, x, 7, null, 1.0)[0]
+    assert torch.allclose(d.predict(model, x, 7, y, 0.0)[0], uncond)
+    model.calls = 0
+    guided = d.predict(model, x, 7, y, 3.0)[0]
+    assert model.calls == 1 and not torch.allclose(guided, cond)
+    model.calls = 0
+    d.ddim_sample(model, (2, 1, 4, 4), 5, y=y, guidance=2.0)
+    assert model.calls == 5
+
+
+# ---------------------------------------------------------------- datasets in their real on-disk formats
+
+def test_mnist5k_is_28px_digits_with_labels():
+    ds = data.load_dataset("mnist5k")
+    x, y = ds[0]
+    assert len(ds) == 5000 and x.shape == (1, 28, 28) and ds.num_classes == 10
+    assert x.min() == -1 and x.max() <= 1 and 0 <= int(y) < 10
+    assert data.load_dataset("mnist5k", image_size=32)[0][0].shape == (1, 32, 32)
+
+
+def test_cifar10_loader_reads_the_python_pickles(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [i % 10, 1, 2, 3],
+                 "batch_label": f"training batch {i} of 5", "filenames": [f"{i}_{j}.png" for j in range(4)]}
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    ds = data.load_dataset("cifar10", str(tmp_path))
+    x, y = ds[4]
+    assert len(ds) == 20 and x.shape == (3, 32, 32) and int(y) == 2 and ds.hflip
+    assert x[0, 0, 0].item() == pytest.approx(batch_pixel(tmp_path, 2, 0) / 127.5 - 1)
+
+
+def batch_pixel(root, batch, index):
+    with open(root / "cifar-10-batches-py" / f"data_batch_{batch}", "rb") as f:
+        return int(pickle.load(f, encoding="latin1")["data"][index][0])
+
+
+def write_images(folder, names, size=(178, 218)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (40 * i % 256, 100, 200)).save(folder / name)
+
+
+def test_celeba_loader_uses_the_official_train_split(tmp_path):
+    names = [f"{i:06d}.jpg" for i in range(1, 7)]
+    write_images(tmp_path / "img_align_celeba", names)
+    (tmp_path / "list_eval_partition.txt").write_text(
+        "".join(f"{n} {0 if i < 4 else 1}\n" for i, n in enumerate(names)))
+    ds = data.load_dataset("celeba", str(tmp_path))
+    assert len(ds) == 4 and ds[0][0].shape == (3, 64, 64) and ds.num_classes == 0
+
+
+def test_folder_loader_labels_subfolders_and_skips_corrupt_images(tmp_path):
+    write_images(tmp_path / "cats", ["a.png", "b.jpg"], (40, 30))
+    write_images(tmp_path / "dogs" / "deep", ["c.png"], (20, 20))
+    (tmp_path / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
+    ds = data.load_dataset("folder", str(tmp_path), image_size=16, class_labels=True)
+    assert ds.num_classes == 2 and len(ds) == 4
+    labels = [ds[i][1] for i in range(4) if "broken" not in ds.files[i]]
+    assert sorted(labels) == [0, 0, 1]
+    broken = ds.files.index(str(tmp_path / "dogs" / "broken.jpg"))
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        x, _ = ds[broken]
+    assert x.shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------- training and sampling end to end
+
+def test_train_then_sample_writes_a_grid_png(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out-dir", str(out), "--max-steps", "3", *TINY])
+    assert (out / "ckpt.pt").exists() and (out / "ema_fp16.pt").exists()
+    assert (out / "samples" / "step_0000003.png").exists()
+    path = sample.main(["--ckpt", str(out / "ckpt.pt"), "--nrow", "3", "--steps", "4", "--out", str(tmp_path / "g.png")])
+    with Image.open(path) as img:
+        assert img.size == (3 * 28 + 4 * 2, 3 * 28 + 4 * 2)  # 3 images of 28 px, 2 px padding
+    ddpm = sample.main(["--ckpt", str(out / "ema_fp16.pt"), "--method", "ddpm", "--nrow", "2",
+                        "--out", str(tmp_path / "d.png")])
+    assert Image.open(ddpm).size == (2 * 28 + 3 * 2,) * 2
+
+
+def test_same_seed_same_images(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out-dir", str(out), "--max-steps", "2", *TINY])
+    a = sample.main(["--ckpt", str(out / "ckpt.pt"), "--nrow", "2", "--steps", "3", "--out", str(tmp_path / "a.png")])
+    b = sample.main(["--ckpt", str(out / "ckpt.pt"), "--nrow", "2", "--steps", "3", "--out", str(tmp_path / "b.png")])
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_bfloat16_autocast_trains_on_cpu(tmp_path):
+    model, _ = train.main(["--out-dir", str(tmp_path), "--max-steps", "2", "--dtype", "bfloat16", *TINY])
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def state_of(path):
+    ckpt = load_checkpoint(path)
+    return ckpt["model"], ckpt["ema"], ckpt["optimizer"]["state"], ckpt["step"]
+
+
+def assert_same_state(a, b):
+    for x, y in zip(a[:3], b[:3]):
+        for k in x:
+            if isinstance(x[k], dict):
+                for kk in x[k]:
+                    assert torch.equal(torch.as_tensor(x[k][kk]), torch.as_tensor(y[k][kk])), (k, kk)
+            else:
+                assert torch.equal(x[k], y[k]), k
+    assert a[3] == b[3]
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    # 5000 digits / batch 8: step 6 is mid-epoch; dropout on so that its RNG matters too
+    common = [*TINY, "--dropout", "0.1", "--save-every", "100", "--sample-every", "100"]
+    train.main(["--out-dir", str(tmp_path / "straight"), "--max-steps", "12", *common])
+    train.main(["--out-dir", str(tmp_path / "split"), "--max-steps", "6", *common])
+    train.main(["--out-dir", str(tmp_path / "split"), "--max-steps", "12", "--resume"])
+    assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train\n"
+        "model, ema = train.main(sys.argv[1:])\n"
+        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--out-dir", str(tmp_path / "out"), "--max-steps", "4", *TINY, "--dropout", "0.1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], saved[k]) for k in a)  # no "module." prefixes
+
+
+# ---------------------------------------------------------------- never losing work
+
+def test_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch, capsys):
+    train.main(["--out-dir", str(tmp_path), "--max-steps", "2", *TINY])
+
+    def half_write(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.torch, "save", half_write)
+    message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--max-steps", "4", "--resume"])
+    assert "No space left" in message and "previous checkpoint is intact" in message
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_killed_save_leaves_a_loadable_checkpoint(tmp_path):
+    # SIGKILL a run at random moments while it saves every step: ckpt.pt always loads
+    args = [sys.executable, os.path.join(REPO, "train.py"), "--out-dir", str(tmp_path), "--max-steps", "1000",
+            *TINY, "--save-every", "1", "--sample-every", "1000", "--log-every", "1000"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (tmp_path / "ckpt.prev.pt").exists(), proc)
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    step = load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    assert step >= 2
+    train.main(["--out-dir", str(tmp_path), "--max-steps", str(step + 1), "--resume", "--sample-every", "1000"])
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == step + 1
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "training exited early"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_nonzero(tmp_path):
+    args = [sys.executable, os.path.join(REPO, "train.py"), "--out-dir", str(tmp_path), "--max-steps", "100000",
+            *TINY, "--save-every", "100000", "--sample-every", "100000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "step 1/" in proc.stdout.readline() + proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
+    assert "resume with --resume" in err
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] >= 1
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops_without_overwriting(tmp_path, monkeypatch, capsys):
+    train.main(["--out-dir", str(tmp_path), "--max-steps", "2", *TINY])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_loss, calls = train.Diffusion.loss, []
+
+    def nan_after_one(self, *a, **k):
+        calls.append(1)
+        loss = real_loss(self, *a, **k)
+        return loss if len(calls) == 1 else loss * float("nan")
+    monkeypatch.setattr(train.Diffusion, "loss", nan_after_one)
+    message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--max-steps", "50", "--resume",
+                                                  "--max-bad-steps", "3", "--save-every", "1"])
+    assert "3 steps in a row" in message and "step 4" in message
+    assert capsys.readouterr().err.count("update skipped") == 3
+    assert len(calls) == 4
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # the good step-3 save, not a NaN one
+    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert (tmp_path / "ckpt.prev.pt").read_bytes() == before
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"model": Evil()}, tmp_path / "ckpt.pt")
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "ckpt.pt")])
+    assert "not a safe, readable checkpoint" in message
+    message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume", *TINY])
+    assert "not a safe, readable checkpoint" in message
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- bad input: one line, no traceback
+
+def one_line_error(capsys, main, argv):
+    """Run main(argv); it must exit non-zero with one line on stderr (or in SystemExit)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code = exit_info.value.code  # sys.exit("error: ...") carries it; argparse prints it
+    message = code if isinstance(code, str) else capsys.readouterr().err
+    assert code != 0 and message.strip() and "\n" not in message.strip(), message
+    return message.strip()
+
+
+@pytest.fixture
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    train.main(["--out-dir", str(out), "--max-steps", "1", *TINY])
+    return out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "celeba", "--data-dir", "/nonexistent/celeba"], "CelebA folder not found"),
+    (["--dataset", "folder"], "image folder not found"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--dataset", "mnist5k", "--image-size", "26"], "must be 28, 30, 32"),
+    (["--channels", "8,16,16", "--attention", "0,0,0", "--image-size", "30"], "cannot be halved 2 times"),
+    (["--channels", "8,16", "--attention", "0"], "one entry per level"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--batch-size", "100000", "--channels", "8", "--attention", "0"], "too few for --batch-size"),
+])
+def test_bad_training_input_is_one_line(capsys, tmp_path, argv, expected):
+    assert expected in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--device", "cpu", *argv])
+
+
+def test_empty_or_imageless_folders_are_one_line(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello")
+    for folder in ("empty", "texts"):
+        argv = ["--dataset", "folder", "--data-dir", str(tmp_path / folder), "--out-dir", str(tmp_path / "o")]
+        assert "no images" in one_line_error(capsys, train.main, argv)
+    (tmp_path / "celeba").mkdir()
+    argv = ["--dataset", "celeba", "--data-dir", str(tmp_path / "celeba"), "--out-dir", str(tmp_path / "o")]
+    assert "img_align_celeba" in one_line_error(capsys, train.main, argv)
+
+
+def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    argv = ["--out-dir", str(tmp_path / "file" / "out"), *TINY]
+    assert "cannot write to --out-dir" in one_line_error(capsys, train.main, argv)
+
+
+def test_resume_errors_are_one_line(capsys, tmp_path, trained):
+    assert "no checkpoint at" in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume"])
+    argv = ["--out-dir", str(trained), "--resume", "--channels", "8,32"]
+    assert "--channels ([8, 16] there, (8, 32) here)" in one_line_error(capsys, train.main, argv)
+    truncated = tmp_path / "ckpt.pt"
+    truncated.write_bytes((trained / "ckpt.pt").read_bytes()[:5000])
+    message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume"])
+    assert "not a safe, readable checkpoint" in message
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--label", "3"], "--label needs a class-conditional model"),
+    (["--nrow", "0"], "--nrow must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "-3"], "--steps must be at least 1"),
+    (["--steps", "21"], "more than the model's T=20"),
+    (["--method", "ddpm", "--steps", "10"], "always takes all T steps"),
+    (["--no-ema", "--ckpt", "EXPORT"], "holds only the EMA weights"),
+])
+def test_bad_sampling_input_is_one_line(capsys, trained, argv, expected):
+    argv = [str(trained / "ema_fp16.pt") if a == "EXPORT" else a for a in argv]
+    ckpt = [] if "--ckpt" in argv else ["--ckpt", str(trained / "ckpt.pt")]
+    assert expected in one_line_error(capsys, sample.main, ckpt + argv)
+
+
+def test_sampling_bad_files_are_one_line(capsys, tmp_path):
+    assert "no checkpoint at" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "none.pt")])
+    (tmp_path / "notes.pt").write_text("just some text")
+    assert "not a safe, readable checkpoint" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "notes.pt")])
+
+
+def test_errors_print_no_traceback_from_the_command_line(tmp_path):
+    for argv in (["train.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
+                 ["sample.py", "--ckpt", str(tmp_path / "none.pt")]):
+        result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ---------------------------------------------------------------- generation features
+
+def test_class_conditional_training_and_guided_grid_per_class(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out-dir", str(out), "--max-steps", "2", "--class-cond", "--objective", "v", *TINY])
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["model_config"]["num_classes"] == 10 and ckpt["diffusion"]["objective"] == "v"
+    path = sample.main(["--ckpt", str(out / "ckpt.pt"), "--label", "all", "--guidance", "2", "--nrow", "3",
+                        "--steps", "2", "--out", str(tmp_path / "classes.png")])
+    assert Image.open(path).size == (3 * 28 + 4 * 2, 10 * 28 + 11 * 2)  # one row per class
+
+
+def test_gif_has_frames_of_the_grid_size(tmp_path, trained):
+    gif = tmp_path / "denoise.gif"
+    sample.main(["--ckpt", str(trained / "ckpt.pt"), "--nrow", "2", "--method", "ddpm", "--gif", str(gif),
+                 "--out", str(tmp_path / "g.png")])
+    with Image.open(gif) as img:
+        assert img.n_frames == 20 and img.size == (2 * 28 + 3 * 2,) * 2  # T=20: a frame per step
+
+
+def test_npz_and_png_export_and_start_gives_the_same_images(tmp_path, trained):
+    ckpt = ["--ckpt", str(trained / "ckpt.pt"), "--method", "dpm", "--steps", "3"]
+    sample.main([*ckpt, "--num", "5", "--batch-size", "2", "--npz", str(tmp_path / "all.npz"),
+                 "--png-dir", str(tmp_path / "png")])
+    sample.main([*ckpt, "--num", "2", "--start", "3", "--npz", str(tmp_path / "part.npz")])
+    everything, part = np.load(tmp_path / "all.npz"), np.load(tmp_path / "part.npz")
+    assert list(everything.keys()) == ["arr_0"]
+    assert everything["arr_0"].shape == (5, 28, 28, 1) and everything["arr_0"].dtype == np.uint8
+    assert np.array_equal(everything["arr_0"][3:], part["arr_0"])
+    assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000004.png")), everything["arr_0"][4, :, :, 0])
+
+
+def test_dpm_solver_20_steps_is_closer_to_the_ode_than_ddim_20(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out-dir", str(out), "--max-steps", "300", "--channels", "16,32", "--attention", "0,0",
+                "--num-res", "1", "--neck-length", "1", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu",
+                "--warmup-steps", "20", "--log-every", "100", "--sample-every", "1000"])
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    model = train.UNet(UNetConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["ema"])
+    model.eval()
+    d = Diffusion(1000)
+    run = lambda method, steps: d.sample(model, (8, 1, 28, 28), method, steps, generator=torch.Generator().manual_seed(0))
+    reference = run("ddim", 500)
+    dpm_error = (run("dpm", 20) - reference).pow(2).mean().item()
+    ddim_error = (run("ddim", 20) - reference).pow(2).mean().item()
+    print(f"mean squared difference to DDIM-500: DPM-Solver++ 20 steps {dpm_error:.5f}, DDIM 20 steps {ddim_error:.5f}")
+    assert dpm_error < ddim_error

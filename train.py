@@ -1,0 +1,463 @@
+"""
+Train a DDPM. Each preset sets the model and optimisation for a dataset; flags override it.
+
+    python train.py                                   # 5000 embedded MNIST digits, on the CPU
+    python train.py --dataset cifar10                 # one GPU (downloads CIFAR-10 into ./data)
+    python train.py --dataset celeba --data-dir ~/celeba
+    torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10   # DDP, 8 GPUs
+    python train.py --resume                          # continue out/ckpt.pt
+
+Writes out/ckpt.pt (everything needed to resume or sample), out/samples/step_*.png (a
+fixed-seed EMA grid) and, at the end, out/ema_fp16.pt (EMA weights alone, for sampling).
+"""
+import argparse
+import copy
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.utils import save_image
+
+from data import DATASETS, ArrayDataset, load_dataset, random_hflip
+from diffusion import Diffusion
+from model import UNet, UNetConfig, check_image_size, config_dict, load_checkpoint
+
+# data
+DATASET = "mnist5k"  # mnist5k | mnist | cifar10 | celeba | folder
+DATA_DIR = None  # celeba / folder: the images; mnist / cifar10: download folder (default ./data)
+IMAGE_SIZE = None  # None = the dataset's own (28 mnist, 32 cifar10, 64 celeba / folder)
+CLASS_COND = False  # condition on labels (mnist5k, mnist, cifar10, folder of class sub-folders)
+LABEL_DROPOUT = 0.1  # with CLASS_COND: how often a label becomes "no label" (for guidance)
+# model (see model.UNetConfig)
+CHANNELS = (64, 128, 256, 256)  # width per level
+ATTENTION = (False, False, True, True)  # attention per level
+NUM_RES = 2  # residual blocks per level
+NECK_LENGTH = 2  # residual blocks at the bottom
+TIME_EMB_DIM = 64
+DROPOUT = 0.1
+# diffusion
+TIMESTEPS = 1000  # T
+SCHEDULE = "linear"  # linear | cosine
+OBJECTIVE = "eps"  # eps | v | x0: what the network predicts
+LOSS = "mse"  # mse | l1
+MIN_SNR = 0.0  # min-SNR-gamma loss weighting (5 is the paper's choice); 0 = off
+# optimisation
+BATCH_SIZE = 128  # per process
+LR = 2e-4
+WARMUP_STEPS = 1000  # linear warm-up of the learning rate
+LR_DECAY = False  # cosine decay to LR / 10 at MAX_STEPS
+WEIGHT_DECAY = 0.0
+GRAD_CLIP = 1.0  # max gradient norm
+MAX_STEPS = 800_000
+EMA_DECAY = 0.9999  # warmed up: min(EMA_DECAY, (1 + step) / (10 + step))
+MAX_BAD_STEPS = 5  # stop after this many steps in a row with a non-finite loss or gradient
+# system
+DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+DTYPE = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+COMPILE = None  # torch.compile the model; None = on CUDA only
+WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else 4
+SEED = 0
+# output
+OUT_DIR = "out"
+LOG_EVERY = 100  # steps
+SAMPLE_EVERY = 5000  # steps between EMA sample grids (DDIM, SAMPLE_STEPS steps, fixed seed)
+SAMPLE_STEPS = 50
+SAVE_EVERY = 5000  # steps between checkpoints
+RESUME = False  # continue from OUT_DIR/ckpt.pt
+
+# What each dataset trains with unless a flag says otherwise.
+PRESETS = {
+    # recognizable digits after ~10 minutes on 2 CPU cores (see README)
+    "mnist5k": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
+                    dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
+                    max_steps=1500, log_every=50, sample_every=250, save_every=250),
+    "mnist": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
+                  dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
+                  max_steps=10_000, sample_every=1000, save_every=1000),
+    # the CIFAR-10 and CelebA 64x64 seed configurations (GPU)
+    "cifar10": dict(channels=(64, 128, 256, 256), attention=(False, False, True, True), num_res=2,
+                    batch_size=100, schedule="cosine", timesteps=1000, dropout=0.1),
+    "celeba": dict(image_size=64, channels=(64, 128, 256, 512, 512), num_res=3,
+                   attention=(False, False, True, True, False), batch_size=100, dropout=0.1,
+                   max_steps=500_000),
+    "folder": dict(image_size=64, channels=(64, 128, 256, 512), attention=(False, False, True, True),
+                   num_res=2, batch_size=64, dropout=0.1),
+}
+MODEL_ARGS = ("channels", "attention", "num_res", "neck_length", "time_emb_dim", "dropout",
+              "image_size", "class_cond", "timesteps", "schedule", "objective")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def ints(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def bools(text):
+    return tuple(bool(v) for v in ints(text))
+
+
+def build_parser(default=None):
+    p = Parser(description="Train a DDPM. The defaults shown are the constants at the top of "
+               "train.py; --dataset picks a preset (PRESETS) that overrides some of them.",
+               argument_default=default,
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = (lambda v: v) if default is None else (lambda v: default)
+    flag = argparse.BooleanOptionalAction
+    p.add_argument("--dataset", default=d(DATASET), choices=DATASETS, help="also picks the preset")
+    p.add_argument("--data-dir", default=d(DATA_DIR))
+    p.add_argument("--image-size", type=int, default=d(IMAGE_SIZE))
+    p.add_argument("--class-cond", action=flag, default=d(CLASS_COND))
+    p.add_argument("--label-dropout", type=float, default=d(LABEL_DROPOUT))
+    p.add_argument("--channels", type=ints, default=d(CHANNELS), help="e.g. 64,128,256")
+    p.add_argument("--attention", type=bools, default=d(ATTENTION), help="e.g. 0,1,1")
+    p.add_argument("--num-res", type=int, default=d(NUM_RES))
+    p.add_argument("--neck-length", type=int, default=d(NECK_LENGTH))
+    p.add_argument("--time-emb-dim", type=int, default=d(TIME_EMB_DIM))
+    p.add_argument("--dropout", type=float, default=d(DROPOUT))
+    p.add_argument("--timesteps", type=int, default=d(TIMESTEPS))
+    p.add_argument("--schedule", default=d(SCHEDULE), choices=("linear", "cosine"))
+    p.add_argument("--objective", default=d(OBJECTIVE), choices=("eps", "v", "x0"))
+    p.add_argument("--loss", default=d(LOSS), choices=("mse", "l1"))
+    p.add_argument("--min-snr", type=float, default=d(MIN_SNR))
+    p.add_argument("--batch-size", type=int, default=d(BATCH_SIZE))
+    p.add_argument("--lr", type=float, default=d(LR))
+    p.add_argument("--warmup-steps", type=int, default=d(WARMUP_STEPS))
+    p.add_argument("--lr-decay", action=flag, default=d(LR_DECAY))
+    p.add_argument("--weight-decay", type=float, default=d(WEIGHT_DECAY))
+    p.add_argument("--grad-clip", type=float, default=d(GRAD_CLIP))
+    p.add_argument("--max-steps", type=int, default=d(MAX_STEPS))
+    p.add_argument("--ema-decay", type=float, default=d(EMA_DECAY))
+    p.add_argument("--max-bad-steps", type=int, default=d(MAX_BAD_STEPS))
+    p.add_argument("--device", default=d(DEVICE))
+    p.add_argument("--dtype", default=d(DTYPE), choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--compile", dest="use_compile", action=flag, default=d(COMPILE))
+    p.add_argument("--workers", type=int, default=d(WORKERS))
+    p.add_argument("--seed", type=int, default=d(SEED))
+    p.add_argument("--out-dir", default=d(OUT_DIR))
+    p.add_argument("--log-every", type=int, default=d(LOG_EVERY))
+    p.add_argument("--sample-every", type=int, default=d(SAMPLE_EVERY))
+    p.add_argument("--sample-steps", type=int, default=d(SAMPLE_STEPS))
+    p.add_argument("--save-every", type=int, default=d(SAVE_EVERY))
+    p.add_argument("--resume", action=flag, default=d(RESUME))
+    return p
+
+
+def parse_args(argv=None):
+    """The constants above, then the dataset's preset, then the flags given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = vars(build_parser(argparse.SUPPRESS).parse_args(argv))
+    parser.set_defaults(**PRESETS[args.dataset])
+    args = parser.parse_args(argv)
+    args.explicit = sorted(explicit)
+    for name in ("batch_size", "max_steps", "log_every", "sample_every", "save_every", "sample_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def resume_args(args, ckpt):
+    """A resumed run keeps the checkpoint's settings, but for the flags given now; a flag that
+    would change the network or the diffusion is an error."""
+    saved = ckpt["args"]
+    changed = [n for n in MODEL_ARGS if n in args.explicit and saved[n] != list_or_value(getattr(args, n))]
+    if changed:
+        raise ValueError("the checkpoint was trained with other " + ", ".join(
+            f"--{n.replace('_', '-')} ({saved[n]} there, {getattr(args, n)} here)" for n in changed))
+    merged = {**saved, **{n: getattr(args, n) for n in args.explicit}, "explicit": args.explicit}
+    return argparse.Namespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+
+
+def list_or_value(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def setup(args):
+    """(rank, world size, device); starts the process group under torchrun."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def amp_dtype(args, device):
+    """The autocast dtype, or None for plain fp32."""
+    if args.dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+
+
+def batches(dataset, args, rank, world, step, device):
+    """Endless batches, in an order fixed by (seed, epoch): resuming at `step` goes on with the
+    same images in the same order as a run that never stopped."""
+    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are too few for --batch-size {args.batch_size} "
+                         f"on {world} process(es)")
+    workers = args.workers if args.workers is not None else 0 if isinstance(dataset, ArrayDataset) else 4
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip * args.batch_size:per_epoch * args.batch_size]
+        loader = DataLoader(dataset, args.batch_size, sampler=indices, num_workers=workers,
+                            pin_memory=device.type == "cuda", drop_last=True,
+                            generator=torch.Generator().manual_seed(args.seed + epoch))  # not the global RNG
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        epoch, skip = epoch + 1, 0
+
+
+def learning_rate(step, args):
+    """Linear warm-up, then constant, or cosine decay to lr / 10."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if not args.lr_decay:
+        return args.lr
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, step, decay):
+    """EMA of the weights; the decay warms up so that early averages are not mostly the init."""
+    decay = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype):
+    """One update: loss under autocast, backward (scaled for fp16), unscale, clip, step.
+    Returns (loss, bad): a non-finite loss or gradient skips the update."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        loss = diffusion.loss(net, x, y, args.loss, args.min_snr)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    # fp16's scaler skips steps with inf gradients by itself; anything else non-finite is bad
+    bad = not torch.isfinite(loss if scaler.is_enabled() else loss + grad_norm).item()
+    if not bad:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), bad
+
+
+def save_checkpoint(state, path):
+    """Write atomically, keeping the last one as *.prev.pt: a crash at any moment of a save
+    leaves a complete ckpt.pt, and a bad checkpoint still has a predecessor."""
+    tmp, prev = path + ".tmp", path[:-3] + ".prev.pt"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):  # link (or copy) it to *.prev.pt first: ckpt.pt never goes missing
+            if os.path.exists(prev + ".tmp"):
+                os.remove(prev + ".tmp")
+            try:
+                os.link(path, prev + ".tmp")
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(path, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows up as either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"could not write {path} ({e}); the previous checkpoint is intact") from None
+
+
+def checkpoint(model, ema, optimizer, scaler, step, args):
+    """Everything a resume needs: plain tensors, numbers, strings, lists and dicts only, so
+    that it loads with torch.load(weights_only=True)."""
+    for name, net in (("weights", model), ("EMA weights", ema)):
+        if not all(torch.isfinite(p).all() for p in net.parameters()):
+            raise FloatingPointError(f"the {name} are not finite at step {step}: checkpoint not written")
+    return {
+        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "step": step, "model_config": config_dict(model.config),
+        "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective},
+        "args": {k: list_or_value(v) for k, v in vars(args).items()},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+class Interrupt:
+    """SIGINT / SIGTERM: finish the step, save, exit. A second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit now)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def save_grid(ema, diffusion, args, num_classes, path, device):
+    """A fixed-seed grid from the EMA model: the same noise at every step of training."""
+    n = 16 if num_classes == 0 else 10 * min(num_classes, 10)
+    y = torch.arange(n, device=device) % num_classes if args.class_cond else None
+    shape = (n, ema.config.in_channels, args.image_size, args.image_size)
+    x = diffusion.ddim_sample(ema, shape, args.sample_steps, generator=torch.Generator().manual_seed(args.seed), y=y)
+    save_image((x + 1) / 2, path, nrow=int(math.sqrt(n)) if num_classes == 0 else 10)
+
+
+def train(args):
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        args = resume_args(args, ckpt)
+    rank, world, device = setup(args)
+    master = rank == 0
+    if master:
+        try:
+            os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+            open(ckpt_path + ".tmp", "wb").close()
+            os.remove(ckpt_path + ".tmp")
+        except OSError as e:
+            raise OSError(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}") from None
+
+    dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.class_cond)
+    args.image_size = dataset.image_size
+    if args.class_cond and dataset.num_classes == 0:
+        raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")
+    config = UNetConfig(dataset.channels, args.channels, args.attention, args.num_res, args.neck_length,
+                        args.time_emb_dim, args.dropout, dataset.num_classes if args.class_cond else 0)
+    check_image_size(args.image_size, config)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = UNet(config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    dtype = amp_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = 0
+    torch.manual_seed(args.seed + rank)  # different noise on every rank
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if world > 1:  # only rank 0's RNG state was saved: give each rank its own noise again
+            torch.manual_seed(args.seed + rank + 1_000_003 * step)
+        del ckpt
+    net = model  # what the loop calls: compiled and DDP-wrapped; `model` stays the raw module
+    if args.use_compile or (args.use_compile is None and device.type == "cuda"):
+        net = torch.compile(net)
+    if world > 1:
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        print(f"{args.dataset} ({len(dataset)} images, {args.image_size} px) | UNet with "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device}, "
+              f"{world} process(es), {dtype or torch.float32} | steps {step} -> {args.max_steps}")
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    data = batches(dataset, args, rank, world, step, device)
+    interrupt, bad_steps, loss_sum, last_log, t0, start = Interrupt(), 0, 0.0, step, time.time(), step
+    try:
+        while step < args.max_steps:
+            x, y = next(data)
+            if dataset.hflip:
+                x = random_hflip(x)
+            if args.class_cond:  # drop labels so the model also learns p(x) (Ho & Salimans 2022)
+                y = torch.where(torch.rand(y.shape, device=device) < args.label_dropout, config.num_classes, y)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            loss, bad = train_step(net, diffusion, optimizer, scaler, params, x, y if args.class_cond else None,
+                                   args, dtype)
+            if bad:
+                bad_steps += 1
+                print(f"step {step + 1}: non-finite loss or gradient, update skipped "
+                      f"({bad_steps} in a row)", file=sys.stderr, flush=True)
+                if bad_steps >= args.max_bad_steps:
+                    raise FloatingPointError(f"{bad_steps} steps in a row with a non-finite loss or "
+                                             f"gradient, up to step {step + 1}; stopped without saving")
+                continue  # the step counter does not move; the next batch is tried
+            bad_steps = 0
+            update_ema(ema_params, params, step, args.ema_decay)
+            step += 1
+            loss_sum += loss
+
+            stop = torch.tensor(interrupt.signum or 0)
+            if world > 1:  # every rank must stop at the same step
+                dist.all_reduce(stop, dist.ReduceOp.MAX)
+            if not master:
+                if stop:
+                    break
+                continue
+            if step % args.log_every == 0 or step == args.max_steps:
+                elapsed, rate = time.time() - t0, (step - start) / (time.time() - t0)
+                print(f"step {step}/{args.max_steps} | loss {loss_sum.item() / (step - last_log):.4f} | "
+                      f"lr {learning_rate(step - 1, args):.2e} | {rate * args.batch_size * world:.1f} img/s | "
+                      f"{elapsed / 60:.1f} min | ETA {(args.max_steps - step) / rate / 60:.1f} min", flush=True)
+                loss_sum, last_log = 0.0, step
+            if step % args.sample_every == 0 or step == args.max_steps:
+                save_grid(ema, diffusion, args, config.num_classes,
+                          os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"), device)
+            if step % args.save_every == 0 or step == args.max_steps or stop:
+                save_checkpoint(checkpoint(model, ema, optimizer, scaler, step, args), ckpt_path)
+            if stop:
+                print(f"saved {ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
+                break
+    finally:
+        interrupt.restore()
+        if world > 1:
+            dist.destroy_process_group()
+    if interrupt.signum:
+        sys.exit(128 + interrupt.signum)
+    if master:
+        export = os.path.join(args.out_dir, "ema_fp16.pt")
+        torch.save({"ema": {k: v.half() for k, v in ema.state_dict().items()},
+                    "model_config": config_dict(config), "step": step,
+                    "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective},
+                    "args": {k: list_or_value(v) for k, v in vars(args).items()}}, export)
+        print(f"done: {ckpt_path}, {export}")
+    return model, ema
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (ValueError, OSError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ per image (DDIM), and peak memory.
 """
 import argparse
 import copy
+import re
 import resource
 import statistics
 import sys
@@ -25,13 +26,14 @@ import train
 from diffusion import Diffusion
 from model import UNet, UNetConfig
 
-PRESET = "cifar10"  # any train.py preset: mnist5k | mnist | cifar10 | celeba | folder
-BATCH_SIZE = 16
-DEVICE = "auto"
+PRESET = "cifar10"  # the model of a train.py preset: mnist5k | mnist | cifar10 | celeba | folder
+BATCH_SIZE = 16  # training batch
+DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast)
-COMPILE = False
+COMPILE = False  # torch.compile the model
 STEPS = 5  # timed training steps (after 2 warm-up steps); sampling times STEPS x 4 evaluations
-SAMPLE_BATCH = 8
+SAMPLE_BATCH = 8  # images per sampling batch
+HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel behind
 # scaled_dot_product_attention: without this, attention FLOPs count as zero.
@@ -88,14 +90,17 @@ def peak_memory_mb(device):
 
 
 def parse_args(argv=None):
-    p = train.Parser(description=__doc__.split("\n\n")[1].strip(), formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default=PRESET, choices=sorted(train.PRESETS))
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--device", default=DEVICE)
-    p.add_argument("--dtype", default=DTYPE, choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--compile", dest="use_compile", action=argparse.BooleanOptionalAction, default=COMPILE)
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--sample-batch", type=int, default=SAMPLE_BATCH)
+    p = train.Parser(description=__doc__, formatter_class=train.Formatter)
+
+    def add(name, **kwargs):
+        p.add_argument("--" + name.lower().replace("_", "-"), default=globals()[name], help=HELP[name], **kwargs)
+    add("PRESET", choices=sorted(train.PRESETS))
+    add("BATCH_SIZE", type=int)
+    add("DEVICE")
+    add("DTYPE", choices=("float32", "bfloat16", "float16"))
+    add("COMPILE", dest="use_compile", action=argparse.BooleanOptionalAction)
+    add("STEPS", type=int)
+    add("SAMPLE_BATCH", type=int)
     args, model_flags = p.parse_known_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.sample_batch < 1:
         p.error("--steps, --batch-size and --sample-batch must be at least 1")

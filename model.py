@@ -179,12 +179,15 @@ def check_image_size(image_size, config):
 def load_checkpoint(path):
     """Load a checkpoint safely (tensors and plain Python values only; no code is run)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # pickled code, truncated file, not a checkpoint at all
+    except Exception as e:  # pickled code, truncated file, not a torch file at all
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a safe, readable checkpoint ({reason[:200]})") from None
+    if not isinstance(ckpt, dict) or not {"model_config", "diffusion", "ema"} <= ckpt.keys():
+        raise ValueError(f"{path} is a torch file but not a checkpoint written by train.py")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, ema=True):

@@ -13,6 +13,7 @@ batch size, and a long export can be split or resumed with --start.
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import zipfile
@@ -32,7 +33,7 @@ STEPS = None  # None = 100 for ddim, 20 for dpm; ddpm always takes T
 ETA = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
 EMA = True  # sample with the EMA weights
 NROW = 8  # the grid is NROW x NROW images (NROW per class with --label all)
-SEED = 0
+SEED = 0  # image i is drawn from seed + i
 LABEL = None  # class-conditional models: a class index, or "all" for one row per class
 GUIDANCE = 1.0  # classifier-free guidance scale: 1 = conditional, 0 = unconditional
 OUT = None  # grid PNG; None = sample_<method>.png beside the checkpoint
@@ -41,8 +42,11 @@ NUM = None  # export mode: this many images to --npz and/or --png-dir
 NPZ = None  # uint8 NHWC under key arr_0 (the ADM evaluation suite's format)
 PNG_DIR = None  # numbered PNGs (pytorch-fid, clean-fid)
 START = 0  # index of the first image to export
-BATCH_SIZE = 64
-DEVICE = "auto"
+BATCH_SIZE = 64  # images per forward pass when exporting
+DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+
+
+HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,25 +54,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass  # the docstring's commands as written, and every flag's default
+
+
 def parse_args(argv=None):
-    p = Parser(description="Sample from a trained DDPM.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=CKPT)
-    p.add_argument("--method", default=METHOD, choices=("ddpm", "ddim", "dpm"))
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--eta", type=float, default=ETA)
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=EMA)
-    p.add_argument("--nrow", type=int, default=NROW)
-    p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--label", default=LABEL, help="class index or 'all'")
-    p.add_argument("--guidance", type=float, default=GUIDANCE)
-    p.add_argument("--out", default=OUT)
-    p.add_argument("--gif", default=GIF)
-    p.add_argument("--num", type=int, default=NUM)
-    p.add_argument("--npz", default=NPZ)
-    p.add_argument("--png-dir", default=PNG_DIR)
-    p.add_argument("--start", type=int, default=START)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--device", default=DEVICE)
+    """A flag per constant above (--png-dir for PNG_DIR), its comment as the help."""
+    p = Parser(description=__doc__, formatter_class=Formatter)
+
+    def add(name, **kwargs):
+        p.add_argument("--" + name.lower().replace("_", "-"), default=globals()[name], help=HELP[name], **kwargs)
+    add("CKPT")
+    add("METHOD", choices=("ddpm", "ddim", "dpm"))
+    add("STEPS", type=int)
+    add("ETA", type=float)
+    add("EMA", action=argparse.BooleanOptionalAction)
+    add("NROW", type=int)
+    add("SEED", type=int)
+    add("LABEL")
+    add("GUIDANCE", type=float)
+    add("OUT")
+    add("GIF")
+    add("NUM", type=int)
+    add("NPZ")
+    add("PNG_DIR")
+    add("START", type=int)
+    add("BATCH_SIZE", type=int)
+    add("DEVICE")
     args = p.parse_args(argv)
     for name in ("nrow", "batch_size") + (("num",) if args.num is not None else ()):
         if getattr(args, name) < 1:

@@ -488,6 +488,8 @@ def test_sampling_bad_files_are_one_line(capsys, tmp_path):
     assert "no checkpoint at" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "none.pt")])
     (tmp_path / "notes.pt").write_text("just some text")
     assert "not a safe, readable checkpoint" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "notes.pt")])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert "not a checkpoint written by train.py" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "other.pt")])
 
 
 def test_errors_print_no_traceback_from_the_command_line(tmp_path):
@@ -547,3 +549,28 @@ def test_dpm_solver_20_steps_is_closer_to_the_ode_than_ddim_20(tmp_path):
     ddim_error = (run("ddim", 20) - reference).pow(2).mean().item()
     print(f"mean squared difference to DDIM-500: DPM-Solver++ 20 steps {dpm_error:.5f}, DDIM 20 steps {ddim_error:.5f}")
     assert dpm_error < ddim_error
+
+
+# ---------------------------------------------------------------- speed tooling
+
+def test_bench_prints_its_figures(capsys):
+    import bench
+    result = bench.main(["--preset", "mnist5k", "--batch-size", "4", "--steps", "2", "--sample-batch", "2",
+                         "--device", "cpu", "--channels", "8,16", "--attention", "0,1", "--time-emb-dim", "16"])
+    out = capsys.readouterr().out
+    for figure in ("parameters", "forward GFLOP/img", "img/s", "MFU", "ms/NFE/img", "peak memory"):
+        assert figure in out
+    assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5 and result["ms_per_nfe_per_image"] > 0
+
+
+def test_unet_compiles_without_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(3, (8, 16), (False, True), 1, 1, 16, num_classes=4)).eval()
+    for p in model.parameters():  # non-zero everywhere, so that every op shows in the output
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 15]), torch.tensor([0, 4])
+    explanation = torch._dynamo.explain(model)(x, t, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(x, t, y), model(x, t, y), atol=1e-4, rtol=1e-4)

@@ -14,6 +14,7 @@ import argparse
 import copy
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,12 +37,12 @@ IMAGE_SIZE = None  # None = the dataset's own (28 mnist, 32 cifar10, 64 celeba /
 CLASS_COND = False  # condition on labels (mnist5k, mnist, cifar10, folder of class sub-folders)
 LABEL_DROPOUT = 0.1  # with CLASS_COND: how often a label becomes "no label" (for guidance)
 # model (see model.UNetConfig)
-CHANNELS = (64, 128, 256, 256)  # width per level
-ATTENTION = (False, False, True, True)  # attention per level
+CHANNELS = (64, 128, 256, 256)  # width per level, e.g. 32,64,64
+ATTENTION = (False, False, True, True)  # self-attention per level, e.g. 0,0,1
 NUM_RES = 2  # residual blocks per level
 NECK_LENGTH = 2  # residual blocks at the bottom
-TIME_EMB_DIM = 64
-DROPOUT = 0.1
+TIME_EMB_DIM = 64  # sinusoidal timestep embedding size (the MLP widens it 4x)
+DROPOUT = 0.1  # in every residual block
 # diffusion
 TIMESTEPS = 1000  # T
 SCHEDULE = "linear"  # linear | cosine
@@ -49,13 +50,13 @@ OBJECTIVE = "eps"  # eps | v | x0: what the network predicts
 LOSS = "mse"  # mse | l1
 MIN_SNR = 0.0  # min-SNR-gamma loss weighting (5 is the paper's choice); 0 = off
 # optimisation
-BATCH_SIZE = 128  # per process
-LR = 2e-4
+BATCH_SIZE = 128  # images per step, per process
+LR = 2e-4  # AdamW learning rate
 WARMUP_STEPS = 1000  # linear warm-up of the learning rate
 LR_DECAY = False  # cosine decay to LR / 10 at MAX_STEPS
-WEIGHT_DECAY = 0.0
+WEIGHT_DECAY = 0.0  # AdamW weight decay
 GRAD_CLIP = 1.0  # max gradient norm
-MAX_STEPS = 800_000
+MAX_STEPS = 800_000  # training steps (the LR schedule and the ETA read it)
 EMA_DECAY = 0.9999  # warmed up: min(EMA_DECAY, (1 + step) / (10 + step))
 MAX_BAD_STEPS = 5  # stop after this many steps in a row with a non-finite loss or gradient
 # system
@@ -63,12 +64,12 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 DTYPE = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
 COMPILE = None  # torch.compile the model; None = on CUDA only
 WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else 4
-SEED = 0
+SEED = 0  # initial weights, data order, noise; each DDP rank adds its rank
 # output
-OUT_DIR = "out"
-LOG_EVERY = 100  # steps
+OUT_DIR = "out"  # ckpt.pt, ckpt.prev.pt, ema_fp16.pt, samples/
+LOG_EVERY = 100  # steps between log lines
 SAMPLE_EVERY = 5000  # steps between EMA sample grids (DDIM, eta 1, SAMPLE_STEPS steps, fixed seed)
-SAMPLE_STEPS = 50
+SAMPLE_STEPS = 50  # DDIM steps for those grids
 SAVE_EVERY = 5000  # steps between checkpoints
 RESUME = False  # continue from OUT_DIR/ckpt.pt
 
@@ -94,9 +95,16 @@ MODEL_ARGS = ("channels", "attention", "num_res", "neck_length", "time_emb_dim",
               "image_size", "class_cond", "timesteps", "schedule", "objective")
 
 
+HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the whole usage
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass  # the docstring's commands as written, and every flag's default
 
 
 def ints(text):
@@ -108,48 +116,49 @@ def bools(text):
 
 
 def build_parser(default=None):
-    p = Parser(description="Train a DDPM. The defaults shown are the constants at the top of "
-               "train.py; --dataset picks a preset (PRESETS) that overrides some of them.",
-               argument_default=default,
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = (lambda v: v) if default is None else (lambda v: default)
+    """A flag per constant above (--data-dir for DATA_DIR), its comment as the help."""
+    p = Parser(description=__doc__, formatter_class=Formatter)
+
+    def add(name, **kwargs):
+        p.add_argument("--" + name.lower().replace("_", "-"), default=default or globals()[name],
+                       help=HELP[name], **kwargs)
     flag = argparse.BooleanOptionalAction
-    p.add_argument("--dataset", default=d(DATASET), choices=DATASETS, help="also picks the preset")
-    p.add_argument("--data-dir", default=d(DATA_DIR))
-    p.add_argument("--image-size", type=int, default=d(IMAGE_SIZE))
-    p.add_argument("--class-cond", action=flag, default=d(CLASS_COND))
-    p.add_argument("--label-dropout", type=float, default=d(LABEL_DROPOUT))
-    p.add_argument("--channels", type=ints, default=d(CHANNELS), help="e.g. 64,128,256")
-    p.add_argument("--attention", type=bools, default=d(ATTENTION), help="e.g. 0,1,1")
-    p.add_argument("--num-res", type=int, default=d(NUM_RES))
-    p.add_argument("--neck-length", type=int, default=d(NECK_LENGTH))
-    p.add_argument("--time-emb-dim", type=int, default=d(TIME_EMB_DIM))
-    p.add_argument("--dropout", type=float, default=d(DROPOUT))
-    p.add_argument("--timesteps", type=int, default=d(TIMESTEPS))
-    p.add_argument("--schedule", default=d(SCHEDULE), choices=("linear", "cosine"))
-    p.add_argument("--objective", default=d(OBJECTIVE), choices=("eps", "v", "x0"))
-    p.add_argument("--loss", default=d(LOSS), choices=("mse", "l1"))
-    p.add_argument("--min-snr", type=float, default=d(MIN_SNR))
-    p.add_argument("--batch-size", type=int, default=d(BATCH_SIZE))
-    p.add_argument("--lr", type=float, default=d(LR))
-    p.add_argument("--warmup-steps", type=int, default=d(WARMUP_STEPS))
-    p.add_argument("--lr-decay", action=flag, default=d(LR_DECAY))
-    p.add_argument("--weight-decay", type=float, default=d(WEIGHT_DECAY))
-    p.add_argument("--grad-clip", type=float, default=d(GRAD_CLIP))
-    p.add_argument("--max-steps", type=int, default=d(MAX_STEPS))
-    p.add_argument("--ema-decay", type=float, default=d(EMA_DECAY))
-    p.add_argument("--max-bad-steps", type=int, default=d(MAX_BAD_STEPS))
-    p.add_argument("--device", default=d(DEVICE))
-    p.add_argument("--dtype", default=d(DTYPE), choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--compile", dest="use_compile", action=flag, default=d(COMPILE))
-    p.add_argument("--workers", type=int, default=d(WORKERS))
-    p.add_argument("--seed", type=int, default=d(SEED))
-    p.add_argument("--out-dir", default=d(OUT_DIR))
-    p.add_argument("--log-every", type=int, default=d(LOG_EVERY))
-    p.add_argument("--sample-every", type=int, default=d(SAMPLE_EVERY))
-    p.add_argument("--sample-steps", type=int, default=d(SAMPLE_STEPS))
-    p.add_argument("--save-every", type=int, default=d(SAVE_EVERY))
-    p.add_argument("--resume", action=flag, default=d(RESUME))
+    add("DATASET", choices=DATASETS)
+    add("DATA_DIR")
+    add("IMAGE_SIZE", type=int)
+    add("CLASS_COND", action=flag)
+    add("LABEL_DROPOUT", type=float)
+    add("CHANNELS", type=ints)
+    add("ATTENTION", type=bools)
+    add("NUM_RES", type=int)
+    add("NECK_LENGTH", type=int)
+    add("TIME_EMB_DIM", type=int)
+    add("DROPOUT", type=float)
+    add("TIMESTEPS", type=int)
+    add("SCHEDULE", choices=("linear", "cosine"))
+    add("OBJECTIVE", choices=("eps", "v", "x0"))
+    add("LOSS", choices=("mse", "l1"))
+    add("MIN_SNR", type=float)
+    add("BATCH_SIZE", type=int)
+    add("LR", type=float)
+    add("WARMUP_STEPS", type=int)
+    add("LR_DECAY", action=flag)
+    add("WEIGHT_DECAY", type=float)
+    add("GRAD_CLIP", type=float)
+    add("MAX_STEPS", type=int)
+    add("EMA_DECAY", type=float)
+    add("MAX_BAD_STEPS", type=int)
+    add("DEVICE")
+    add("DTYPE", choices=("auto", "float32", "bfloat16", "float16"))
+    add("COMPILE", dest="use_compile", action=flag)
+    add("WORKERS", type=int)
+    add("SEED", type=int)
+    add("OUT_DIR")
+    add("LOG_EVERY", type=int)
+    add("SAMPLE_EVERY", type=int)
+    add("SAMPLE_STEPS", type=int)
+    add("SAVE_EVERY", type=int)
+    add("RESUME", action=flag)
     return p
 
 

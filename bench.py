@@ -51,7 +51,7 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, reps, device, warmup=2):
+def seconds(fn, reps, device, warmup=2):
     for _ in range(warmup):
         fn()
     times = []
@@ -61,19 +61,28 @@ def median_seconds(fn, reps, device, warmup=2):
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, reps, device, warmup=2):
+    return statistics.median(seconds(fn, reps, device, warmup))
+
+
+def best_seconds(fn, reps, device, warmup=2):
+    return min(seconds(fn, reps, device, warmup))
 
 
 def matmul_peak(device, dtype, n=2048):
-    """GFLOP/s of an n^3 matmul: the MFU denominator (on the CPU, run as a 1x1 convolution,
-    on oneDNN like the model's convolutions)."""
+    """GFLOP/s of the fastest of 10 n^3 matmuls: the MFU denominator (on the CPU run as a 1x1
+    convolution, on oneDNN like the model's convolutions; the best run, as other processes
+    on a shared machine only ever slow it down)."""
     if device.type == "cpu":
         x, w = torch.randn(1, n, n, 1, dtype=dtype), torch.randn(n, n, 1, 1, dtype=dtype)
         fn = lambda: F.conv2d(x, w)
     else:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         fn = lambda: a @ b
-    return 2 * n ** 3 / median_seconds(fn, 10, device) / 1e9
+    return 2 * n ** 3 / best_seconds(fn, 10, device) / 1e9
 
 
 def forward_flops(model, config, size, device):
@@ -130,7 +139,8 @@ def bench(args):
     # the training step exactly as train.py runs it: train_step, then the EMA update
     ema = copy.deepcopy(model).requires_grad_(False)
     net = torch.compile(model) if args.use_compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))  # as train.py makes it
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     x = torch.rand(args.batch_size, channels, size, size, device=device) * 2 - 1

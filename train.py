@@ -371,7 +371,7 @@ def train(args):
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
     dtype = amp_dtype(args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0

@@ -78,7 +78,7 @@ PRESETS = {
     # recognizable digits after ~10 minutes on 2 CPU cores (see README)
     "mnist5k": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
                     dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
-                    max_steps=1500, log_every=50, sample_every=250, save_every=250),
+                    max_steps=2000, log_every=50, sample_every=250, save_every=250),
     "mnist": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
                   dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
                   max_steps=10_000, sample_every=1000, save_every=1000),
@@ -452,12 +452,10 @@ def train(args):
             dist.destroy_process_group()
     if interrupt.signum:
         sys.exit(128 + interrupt.signum)
-    if master:
-        export = os.path.join(args.out_dir, "ema_fp16.pt")
-        torch.save({"ema": {k: v.half() for k, v in ema.state_dict().items()},
-                    "model_config": config_dict(config), "step": step,
-                    "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective},
-                    "args": {k: list_or_value(v) for k, v in vars(args).items()}}, export)
+    if master:  # the EMA weights alone, in fp16: a small file to sample from or share
+        state, export = checkpoint(model, ema, optimizer, scaler, step, args), os.path.join(args.out_dir, "ema_fp16.pt")
+        torch.save({"ema": {k: v.half() for k, v in state["ema"].items()},
+                    **{k: state[k] for k in ("model_config", "diffusion", "args", "step")}}, export)
         print(f"done: {ckpt_path}, {export}")
     return model, ema
 

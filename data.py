@@ -88,7 +88,9 @@ def cifar10(data_dir, image_size=32):
 
 
 def check_dir(path, what, where):
-    if not path or not os.path.isdir(path):
+    if not path:
+        raise FileNotFoundError(f"no --data-dir given: {where}")
+    if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} not found at {path!r}: {where}")
 
 
@@ -109,6 +111,7 @@ class ImageFolder(Dataset):
             self.classes = sorted({p[0] for p in parts})
             self.labels = [self.classes.index(p[0]) for p in parts]
         self.root, self.transform = root, to_tensor(image_size)
+        self[0]  # a folder of unreadable files fails here, in one line, not in a worker
 
     def __len__(self):
         return len(self.files)

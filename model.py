@@ -7,6 +7,8 @@ output of its DownBlock (the skip connection). The timestep, and the class label
 model is conditional, enter every ResidualBlock through one embedding vector.
 """
 import math
+import pickle
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -187,9 +189,12 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # pickled code, truncated file, not a torch file at all
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a safe, readable checkpoint ({reason[:200]})") from None
+    except Exception as e:  # pickled code, a truncated file, not a torch file at all
+        reason = "truncated, or not a torch file"
+        if isinstance(e, pickle.UnpicklingError):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            reason = f"it holds pickled code ({found.group(1) if found else 'not plain data'}), which was not run"
+        raise ValueError(f"{path} is not a safe, readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or not {"model_config", "diffusion", "ema"} <= ckpt.keys():
         raise ValueError(f"{path} is a torch file but not a checkpoint written by train.py")
     return ckpt

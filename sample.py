@@ -11,7 +11,6 @@ Image i is drawn from seed + i alone, so the same seed gives the same images wha
 batch size, and a long export can be split or resumed with --start.
 """
 import argparse
-import math
 import os
 import re
 import sys

@@ -429,7 +429,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("argv, expected", [
     (["--dataset", "celeba", "--data-dir", "/nonexistent/celeba"], "CelebA folder not found"),
-    (["--dataset", "folder"], "image folder not found"),
+    (["--dataset", "folder"], "no --data-dir given: give --data-dir, a folder of images"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--dataset", "mnist5k", "--image-size", "26"], "must be 28, 30, 32"),
     (["--channels", "8,16,16", "--attention", "0,0,0", "--image-size", "30"], "cannot be halved 2 times"),
@@ -448,6 +448,12 @@ def test_empty_or_imageless_folders_are_one_line(capsys, tmp_path):
     for folder in ("empty", "texts"):
         argv = ["--dataset", "folder", "--data-dir", str(tmp_path / folder), "--out-dir", str(tmp_path / "o")]
         assert "no images" in one_line_error(capsys, train.main, argv)
+    (tmp_path / "corrupt").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "corrupt" / name).write_bytes(b"\x89PNG not really")
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "corrupt"), "--out-dir", str(tmp_path / "o")]
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        assert "no readable images" in one_line_error(capsys, train.main, argv)
     (tmp_path / "celeba").mkdir()
     argv = ["--dataset", "celeba", "--data-dir", str(tmp_path / "celeba"), "--out-dir", str(tmp_path / "o")]
     assert "img_align_celeba" in one_line_error(capsys, train.main, argv)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -462,6 +463,7 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"  # one line each
     try:
         return train(args)
     except (ValueError, OSError, FloatingPointError) as e:

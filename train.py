@@ -83,7 +83,7 @@ PRESETS = {
     "mnist": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
                   dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
                   max_steps=10_000, sample_every=1000, save_every=1000),
-    # the CIFAR-10 and CelebA 64x64 seed configurations (GPU)
+    # the reference CIFAR-10 (32x32) and CelebA (64x64) configurations, for a GPU
     "cifar10": dict(channels=(64, 128, 256, 256), attention=(False, False, True, True), num_res=2,
                     batch_size=100, schedule="cosine", timesteps=1000, dropout=0.1),
     "celeba": dict(image_size=64, channels=(64, 128, 256, 512, 512), num_res=3,

@@ -171,7 +171,7 @@ def main(argv=None):
     try:
         return bench(args)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def main(argv=None):
             raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
         path = export(diffusion, model, args, label, device) if args.num else sample_grid(diffusion, model, args, label, device)
     except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
     print(path)
     return path
 

@@ -221,6 +221,21 @@ def batch_pixel(root, batch, index):
         return int(pickle.load(f, encoding="latin1")["data"][index][0])
 
 
+def test_mnist_loader_reads_torchvision_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    for split in ("train", "t10k"):  # torchvision wants all four files there
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            np.array([2051, 3, 28, 28], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, 3], dtype=">i4").tobytes() + bytes([7, 1, 4]))
+    ds = data.load_dataset("mnist", str(tmp_path), image_size=32)
+    x, y = ds[0]
+    assert len(ds) == 3 and x.shape == (1, 32, 32) and int(y) == 7
+    assert x[0, 2, 2].item() == pytest.approx(images[0, 0, 0] / 127.5 - 1) and x[0, 0, 0] == -1  # padded
+
+
 def write_images(folder, names, size=(178, 218)):
     folder.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names):

@@ -467,7 +467,7 @@ def main(argv=None):
     try:
         return train(args)
     except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ MAX_BAD_STEPS = 5  # stop after this many steps in a row with a non-finite loss 
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 DTYPE = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
 COMPILE = None  # torch.compile the model; None = on CUDA only
-WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else 4
+WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else min(4, CPU cores)
 SEED = 0  # initial weights, data order, noise; each DDP rank adds its rank
 # output
 OUT_DIR = "out"  # ckpt.pt, ckpt.prev.pt, ema_fp16.pt, samples/
@@ -228,7 +228,8 @@ def batches(dataset, args, rank, world, step, device):
     if per_epoch == 0:
         raise ValueError(f"{len(dataset)} images are too few for --batch-size {args.batch_size} "
                          f"on {world} process(es)")
-    workers = args.workers if args.workers is not None else 0 if isinstance(dataset, ArrayDataset) else 4
+    workers = args.workers if args.workers is not None else 0 if isinstance(dataset, ArrayDataset) else \
+        min(4, os.cpu_count() or 1)
     epoch, skip = divmod(step, per_epoch)
     while True:
         sampler.set_epoch(epoch)

@@ -208,4 +208,5 @@ def model_from_checkpoint(ckpt, ema=True):
 
 
 def config_dict(config):
+    """The config as plain values (lists, not tuples), as checkpoints store it."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}

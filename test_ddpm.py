@@ -523,7 +523,7 @@ def test_errors_print_no_traceback_from_the_command_line(tmp_path):
 
 # ---------------------------------------------------------------- generation features
 
-def test_class_conditional_training_and_guided_grid_per_class(tmp_path):
+def test_class_conditional_training_and_guided_grid_per_class(tmp_path, capsys):
     out = tmp_path / "out"
     train.main(["--out-dir", str(out), "--max-steps", "2", "--class-cond", "--objective", "v", *TINY])
     ckpt = load_checkpoint(out / "ckpt.pt")
@@ -531,6 +531,9 @@ def test_class_conditional_training_and_guided_grid_per_class(tmp_path):
     path = sample.main(["--ckpt", str(out / "ckpt.pt"), "--label", "all", "--guidance", "2", "--nrow", "3",
                         "--steps", "2", "--out", str(tmp_path / "classes.png")])
     assert Image.open(path).size == (3 * 28 + 4 * 2, 10 * 28 + 11 * 2)  # one row per class
+    for bad in ("10", "-1", "cat"):
+        message = one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--label", bad])
+        assert "class index 0..9" in message
 
 
 def test_gif_has_frames_of_the_grid_size(tmp_path, trained):

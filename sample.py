@@ -151,7 +151,8 @@ def sample_grid(diffusion, model, args, label, device):
     to_pil_grid(x, nrow).save(out)
     if args.gif:
         os.makedirs(os.path.dirname(args.gif) or ".", exist_ok=True)
-        durations = [40] * (len(frames) - 1) + [2000]  # hold the last frame
+        # about 3 s of denoising whatever the step count, then the last frame held for 2 s
+        durations = [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000]
         frames[0].save(args.gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
         print(args.gif)
     return out

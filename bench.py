@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.flop_counter as fc
 
 import train
+from data import DATASETS
 from diffusion import Diffusion
 from model import UNet, UNetConfig
 
@@ -122,8 +123,8 @@ def parse_args(argv=None):
 def bench(args):
     targs = args.train
     _, _, device = train.setup(targs)
-    channels = 1 if targs.dataset.startswith("mnist") else 3
-    size = targs.image_size or {"mnist5k": 28, "mnist": 28, "cifar10": 32}.get(targs.dataset, 64)
+    channels, size, _ = DATASETS[targs.dataset]
+    size = targs.image_size or size
     config = UNetConfig(channels, targs.channels, targs.attention, targs.num_res, targs.neck_length,
                         targs.time_emb_dim, targs.dropout)
     torch.manual_seed(0)

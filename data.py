@@ -17,7 +17,9 @@ from torchvision import transforms as T
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-DATASETS = ("mnist5k", "mnist", "cifar10", "celeba", "folder")
+# name: (channels, default image size, random horizontal flips when training)
+DATASETS = {"mnist5k": (1, 28, False), "mnist": (1, 28, False), "cifar10": (3, 32, True),
+            "celeba": (3, 64, True), "folder": (3, 64, True)}
 
 
 def to_tensor(size):
@@ -158,24 +160,22 @@ def celeba(data_dir, image_size=64):
 
 def load_dataset(name, data_dir=None, image_size=None, class_labels=False):
     """The training set `name`, with attributes channels, image_size, num_classes and hflip."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    channels, size, hflip = DATASETS[name]
+    size = image_size or size
     if name == "mnist5k":
-        dataset, channels, size, classes, hflip = mnist5k(image_size or 28), 1, image_size or 28, 10, False
+        dataset, classes = mnist5k(size), 10
     elif name == "mnist":
-        size = image_size or 28
-        dataset, channels, classes, hflip = mnist(data_dir, size), 1, 10, False
+        dataset, classes = mnist(data_dir, size), 10
     elif name == "cifar10":
-        size = image_size or 32
-        dataset, channels, classes, hflip = cifar10(data_dir, size), 3, 10, True
+        dataset, classes = cifar10(data_dir, size), 10
     elif name == "celeba":
-        size = image_size or 64
-        dataset, channels, classes, hflip = celeba(data_dir, size), 3, 0, True
-    elif name == "folder":
-        size = image_size or 64
+        dataset, classes = celeba(data_dir, size), 0
+    else:
         check_dir(data_dir, "image folder", "give --data-dir, a folder of images (any depth)")
         dataset = ImageFolder(data_dir, size, labels=class_labels)
-        channels, classes, hflip = 3, len(dataset.classes), True
-    else:
-        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+        classes = len(dataset.classes)
     dataset.channels, dataset.image_size, dataset.num_classes, dataset.hflip = channels, size, classes, hflip
     return dataset
 

@@ -124,7 +124,7 @@ def build_parser(default=None):
         p.add_argument("--" + name.lower().replace("_", "-"), default=default or globals()[name],
                        help=HELP[name], **kwargs)
     flag = argparse.BooleanOptionalAction
-    add("DATASET", choices=DATASETS)
+    add("DATASET", choices=tuple(DATASETS))
     add("DATA_DIR")
     add("IMAGE_SIZE", type=int)
     add("CLASS_COND", action=flag)

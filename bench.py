@@ -25,7 +25,7 @@ import torch.utils.flop_counter as fc
 import train
 from data import DATASETS
 from diffusion import Diffusion
-from model import UNet, UNetConfig
+from model import UNet
 
 PRESET = "cifar10"  # the model of a train.py preset: mnist5k | mnist | cifar10 | celeba | folder
 BATCH_SIZE = 16  # training batch
@@ -125,8 +125,7 @@ def bench(args):
     _, _, device = train.setup(targs)
     channels, size, _ = DATASETS[targs.dataset]
     size = targs.image_size or size
-    config = UNetConfig(channels, targs.channels, targs.attention, targs.num_res, targs.neck_length,
-                        targs.time_emb_dim, targs.dropout)
+    config = train.unet_config(targs, channels)
     torch.manual_seed(0)
     model = UNet(config).to(device)
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)
@@ -140,9 +139,7 @@ def bench(args):
     # the training step exactly as train.py runs it: train_step, then the EMA update
     ema = copy.deepcopy(model).requires_grad_(False)
     net = torch.compile(model) if args.use_compile else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=targs.lr, weight_decay=targs.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # as train.py makes it
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, scaler = train.make_optimizer(model, targs, device, dtype)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     x = torch.rand(args.batch_size, channels, size, size, device=device) * 2 - 1
 

@@ -220,6 +220,19 @@ def amp_dtype(args, device):
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
 
+def unet_config(args, channels, num_classes=0):
+    """The UNet the model flags describe, for images with `channels` channels."""
+    return UNetConfig(channels, args.channels, args.attention, args.num_res, args.neck_length,
+                      args.time_emb_dim, args.dropout, num_classes)
+
+
+def make_optimizer(model, args, device, dtype):
+    """AdamW (fused: one kernel for all parameters) and the gradient scaler fp16 needs."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    return optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def batches(dataset, args, rank, world, step, device):
     """Endless batches, in an order fixed by (seed, epoch): resuming at `step` goes on with the
     same images in the same order as a run that never stopped."""
@@ -365,17 +378,14 @@ def train(args):
     args.image_size = dataset.image_size
     if args.class_cond and dataset.num_classes == 0:
         raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")
-    config = UNetConfig(dataset.channels, args.channels, args.attention, args.num_res, args.neck_length,
-                        args.time_emb_dim, args.dropout, dataset.num_classes if args.class_cond else 0)
+    config = unet_config(args, dataset.channels, dataset.num_classes if args.class_cond else 0)
     check_image_size(args.image_size, config)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = UNet(config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
     dtype = amp_dtype(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, scaler = make_optimizer(model, args, device, dtype)
     step = 0
     torch.manual_seed(args.seed + rank)  # different noise on every rank
     if ckpt is not None:

@@ -7,8 +7,8 @@ Benchmark the real training step (train.py) and the real sampler (diffusion.py).
     python bench.py --preset mnist5k --channels 32,64,128             # any train.py model flag
 
 Prints parameters, forward GFLOP per image, training images/s and MFU (3 x forward FLOPs x
-images/s over a matmul peak measured in the same run), sampling ms per network evaluation
-per image (DDIM), and peak memory.
+images/s over a matmul peak measured in the same run, in the same precision), sampling ms
+per network evaluation per image (DDIM), and peak memory.
 """
 import argparse
 import copy
@@ -130,11 +130,11 @@ def bench(args):
     model = UNet(config).to(device)
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)
     dtype = train.amp_dtype(targs, device)
-    peak = matmul_peak(device, torch.float32)
+    peak = matmul_peak(device, dtype or torch.float32)  # bf16 autocast is measured against a bf16 peak
     flops = forward_flops(model, config, size, device)
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} px, "
           f"{flops / 1e9:.3f} forward GFLOP/img | {device}, {dtype or torch.float32}, "
-          f"{torch.get_num_threads()} threads, compile {args.use_compile} | fp32 matmul peak {peak:.1f} GFLOP/s")
+          f"{torch.get_num_threads()} threads, compile {args.use_compile} | matmul peak {peak:.1f} GFLOP/s")
 
     # the training step exactly as train.py runs it: train_step, then the EMA update
     ema = copy.deepcopy(model).requires_grad_(False)

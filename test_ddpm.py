@@ -319,7 +319,9 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def test_ddp_two_processes_end_with_identical_weights(tmp_path, device):
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import os, sys, torch\n"
@@ -328,11 +330,12 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
         "model, ema = train.main(sys.argv[1:])\n"
         f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--out-dir", str(tmp_path / "out"), "--max-steps", "4", *TINY, "--dropout", "0.1"]
+           "--out-dir", str(tmp_path / "out"), "--max-steps", "4", *TINY, "--dropout", "0.1",
+           "--device", device]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
-    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], saved[k]) for k in a)  # no "module." prefixes

@@ -206,8 +206,8 @@ def setup(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and later
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1:  # NCCL takes CUDA tensors only: the CPU stop flag goes through gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

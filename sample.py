@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from diffusion import Diffusion
 from model import load_checkpoint, model_from_checkpoint
+from train import Formatter, Parser, setup
 
 CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
 METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
@@ -46,15 +47,6 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
 
 HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass  # the docstring's commands as written, and every flag's default
 
 
 def parse_args(argv=None):
@@ -198,9 +190,7 @@ def main(argv=None):
         if not args.ema and "model" not in ckpt:
             raise ValueError(f"{args.ckpt} holds only the EMA weights: drop --no-ema")
         model = model_from_checkpoint(ckpt, ema=args.ema)
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        _, _, device = setup(args)
         model = model.to(device).eval()
         d = ckpt["diffusion"]
         diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)

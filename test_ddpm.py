@@ -1,6 +1,7 @@
 """Tests: CPU only, tiny shapes, fixed seeds. Run with `python -m pytest -q`."""
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import sys
@@ -588,6 +589,29 @@ def test_bench_prints_its_figures(capsys):
     for figure in ("parameters", "forward GFLOP/img", "img/s", "MFU", "ms/NFE/img", "peak memory"):
         assert figure in out
     assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5 and result["ms_per_nfe_per_image"] > 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
+def test_freed_activations_are_kept_not_faulted_in_again():
+    # a "step" that allocates and frees 2 x 40 MB: by default glibc maps blocks that large
+    # afresh each time, and every page faults in again; after train.setup's tuning it does not
+    script = (
+        f"import resource, sys; sys.path.insert(0, {REPO!r})\n"
+        "import torch, train\n"
+        "def faults_per_step():\n"
+        "    step = lambda: [torch.ones(10 * 2**20) for _ in range(2)]\n"
+        "    step()\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    for _ in range(5):\n"
+        "        step()\n"
+        "    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5\n"
+        "default = faults_per_step()\n"
+        "train.keep_freed_memory()\n"
+        "print(default, faults_per_step())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    default, kept = map(float, result.stdout.split())
+    assert kept < default / 4  # 20482 and 2048 pages per step on x86-64 Linux
 
 
 def test_unet_compiles_without_graph_breaks_and_matches_eager():

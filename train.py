@@ -197,7 +197,7 @@ def list_or_value(v):
 def keep_freed_memory():
     """glibc hands freed blocks over 128 KB back to the OS, and the next step's activations fault
     them in again page by page (~35k page faults per mnist5k training step). Keeping them makes
-    CPU training 5-15% and sampling ~20% faster, for ~15% more peak memory. Linux (glibc) only."""
+    CPU training ~10% and sampling ~20% faster, for ~15% more peak memory. Linux (glibc) only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # macOS, Windows, musl: their allocators are left as they are

@@ -50,6 +50,18 @@ def test_conditional_unet_uses_the_label():
     assert torch.equal(model(x, t), model(x, t, torch.tensor([3])))  # no label == index num_classes
 
 
+def test_sampling_forward_equals_the_training_forward():
+    # without autograd the SiLUs run in place: they must not overwrite anything still needed
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(3, (8, 16, 16), (False, True, True), 2, 1, 16)).eval()
+    for p in model.parameters():  # non-zero everywhere, so that every block shows in the output
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 17])
+    with torch.inference_mode():
+        sampled = model(x, t)
+    assert torch.equal(sampled, model(x, t).detach())
+
+
 def test_unet_config_rejects_mismatched_levels():
     with pytest.raises(ValueError, match="one entry per level"):
         UNetConfig(1, (8, 16), (True,))

@@ -3,7 +3,7 @@ Gaussian diffusion: noise schedules, the training loss and the samplers.
 
 Plain math, no nn.Module: the network is passed into every sampler, so sampling with the
 EMA weights is just passing the EMA model. Timesteps are 0-based in code, t = 0..T-1,
-where the papers count 1..T: our t is the paper's t + 1. alpha_bar[t] is Ho et al.'s
+where the papers count 1..T: the paper's t is our t + 1. alpha_bar[t] is Ho et al.'s
 alpha-bar_t, which DDIM (Song et al. 2021) calls alpha_t.
 
 References: Ho et al. 2020 (DDPM), Song et al. 2021 (DDIM), Nichol & Dhariwal 2021 (cosine
@@ -54,6 +54,8 @@ class Diffusion:
             raise ValueError(f"unknown schedule {schedule!r}: use linear or cosine")
         if objective not in ("eps", "v", "x0"):
             raise ValueError(f"unknown objective {objective!r}: use eps, v or x0")
+        if T < 2:
+            raise ValueError(f"T (--timesteps) must be at least 2, got {T}")
         self.T, self.objective = T, objective
         # built in float64, kept in float32 on the device
         betas = linear_betas(T) if schedule == "linear" else cosine_betas(T)
@@ -148,6 +150,8 @@ class Diffusion:
     def ddim_sample(self, model, shape, steps=100, eta=0.0, generator=None, y=None, guidance=1.0,
                     callback=None):
         """DDIM, Song et al. 2021 eq. 12; eta=0 is deterministic, eta=1 is DDPM-like."""
+        if not 0 <= eta <= 1:  # above 1, 1 - a_prev - sigma^2 can be negative: no real update
+            raise ValueError(f"--eta must be between 0 and 1, got {eta}")
         device = self.betas.device
         x = randn(shape, generator, device)
         ts = timesteps(self.T, steps)

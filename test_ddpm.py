@@ -466,6 +466,7 @@ def trained(tmp_path_factory):
     (["--channels", "8,16,16", "--attention", "0,0,0", "--image-size", "30"], "cannot be halved 2 times"),
     (["--channels", "8,16", "--attention", "0"], "one entry per level"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--timesteps", "1"], "--timesteps) must be at least 2"),
     (["--batch-size", "100000", "--channels", "8", "--attention", "0"], "too few for --batch-size"),
 ])
 def test_bad_training_input_is_one_line(capsys, tmp_path, argv, expected):
@@ -513,6 +514,8 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--steps", "-3"], "--steps must be at least 1"),
     (["--steps", "21"], "more than the model's T=20"),
     (["--method", "ddpm", "--steps", "10"], "always takes all T steps"),
+    (["--eta", "1.5"], "--eta must be between 0 and 1"),
+    (["--eta", "-0.5"], "--eta must be between 0 and 1"),
     (["--no-ema", "--ckpt", "EXPORT"], "holds only the EMA weights"),
 ])
 def test_bad_sampling_input_is_one_line(capsys, trained, argv, expected):

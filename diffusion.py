@@ -169,15 +169,21 @@ class Diffusion:
     @torch.inference_mode()
     def dpm_sample(self, model, shape, steps=20, generator=None, y=None, guidance=1.0, callback=None):
         """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: a 2nd-order multistep solver of the
-        probability-flow ODE in lambda = log(alpha / sigma), on the predicted x0."""
+        probability-flow ODE in lambda = log(alpha / sigma), on the predicted x0.
+        The network is evaluated at `steps` timesteps above 0, and the last step goes to
+        sigma = 0, first order, which lands on the predicted x0 (as diffusers' solver does by
+        default). Lambda leaps up near t = 0, and a 2nd-order step into t = 0 overshoots: with
+        it, 20 steps land 3.3x further (in MSE) from the 1000-step ODE solution."""
+        if not 1 <= steps < self.T:
+            raise ValueError(f"--steps must be between 1 and T-1={self.T - 1} for DPM-Solver, got {steps}")
         x = randn(shape, generator, self.betas.device)
-        ts = timesteps(self.T, steps)
+        ts = timesteps(self.T, steps + 1)[:-1]  # t = 0 is where the last step lands, not evaluated
         alpha, sigma = self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar
         lam = (alpha / sigma).log()
         x0_prev = h_prev = None
         for i, t in enumerate(ts):
             x0, _ = self.predict(model, x, t, y, guidance)
-            if i + 1 == steps:  # from t=0 the last step lands on x0 itself
+            if i + 1 == steps:  # to sigma = 0 (lambda = infinity): the first-order step gives x0
                 x = x0
             else:
                 s = ts[i + 1]

@@ -25,7 +25,7 @@ import torch.utils.flop_counter as fc
 import train
 from data import DATASETS
 from diffusion import Diffusion
-from model import UNet
+from model import UNet, check_image_size
 
 PRESET = "cifar10"  # the model of a train.py preset: mnist5k | mnist | cifar10 | celeba | folder
 BATCH_SIZE = 16  # training batch
@@ -126,6 +126,7 @@ def bench(args):
     channels, size, _ = DATASETS[targs.dataset]
     size = targs.image_size or size
     config = train.unet_config(targs, channels)
+    check_image_size(size, config)
     torch.manual_seed(0)
     model = UNet(config).to(device)
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)

@@ -128,7 +128,7 @@ class ImageFolder(Dataset):
             k = (i + j) % len(self.files)
             try:
                 return self.load(self.files[k]), self.labels[k]
-            except OSError as e:
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises
                 warnings.warn(f"skipping unreadable image {self.files[k]}: {e}")
         raise ValueError(f"no readable images under {self.root!r}")
 

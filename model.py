@@ -33,8 +33,13 @@ class UNetConfig:
             raise ValueError(f"channels {self.channels} and attention {self.attention} "
                              "must have one entry per level")
         for c in self.channels:
-            if c % 4 or c // 4 > 32 and c % 32:
+            if c < 4 or c % 4 or c // 4 > 32 and c % 32:
                 raise ValueError(f"channel width {c} must be a multiple of 4 (of 32 above 128)")
+        if self.num_res < 1 or self.neck_length < 0:
+            raise ValueError(f"num_res must be at least 1 and neck_length at least 0, "
+                             f"not {self.num_res} and {self.neck_length}")
+        if self.time_emb_dim < 2 or self.time_emb_dim % 2:
+            raise ValueError(f"time_emb_dim must be even and at least 2, not {self.time_emb_dim}")
 
 
 def Norm(channels):
@@ -199,6 +204,8 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"{path} is a folder: give the checkpoint file, e.g. {path}/ckpt.pt") from None
     except Exception as e:  # pickled code, a truncated file, not a torch file at all
         reason = "truncated, or not a torch file"
         if isinstance(e, pickle.UnpicklingError):

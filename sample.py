@@ -82,8 +82,24 @@ def parse_args(argv=None):
         p.error("--method ddpm always takes all T steps: use ddim or dpm for fewer")
     if args.start < 0:
         p.error("--start must be 0 or more")
-    if (args.npz or args.png_dir) and args.num is None:
-        p.error("--npz and --png-dir need --num")
+    if (args.npz or args.png_dir or args.start) and args.num is None:
+        p.error("--npz, --png-dir and --start need --num")
+    if args.num is not None and not (args.npz or args.png_dir):
+        p.error("--num needs --npz and/or --png-dir to write the images to")
+    if args.num is not None and (args.out or args.gif):
+        p.error("--out and --gif write a grid: drop them with --num")
+    if not 0 <= args.eta <= 1:
+        p.error(f"--eta must be between 0 and 1, got {args.eta}")
+    if args.eta and args.method != "ddim":
+        p.error("--eta applies to --method ddim only")
+    if args.guidance != 1 and args.label is None:
+        p.error("--guidance needs --label (a class index or all)")
+    if args.npz and os.path.isdir(args.npz):
+        p.error(f"--npz {args.npz} is a folder: give a file name, e.g. {os.path.join(args.npz, 'samples.npz')}")
+    if args.out and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        p.error(f"--out {args.out}: use an image file name, e.g. grid.png")
+    if args.gif and not args.gif.lower().endswith(".gif"):
+        p.error(f"--gif {args.gif}: the file name must end in .gif")
     return args
 
 
@@ -127,7 +143,7 @@ def sample_grid(diffusion, model, args, label, device):
     else:
         n, nrow = args.nrow ** 2, args.nrow
         labels = None if label is None else torch.full((n,), label, device=device)
-    total = diffusion.T if args.method == "ddpm" else args.steps or {"ddim": 100, "dpm": 20}[args.method]
+    total = diffusion.T if args.method == "ddpm" else args.steps
     keep = set(np.linspace(0, total - 1, min(total, 80)).round().astype(int).tolist())  # ~80 GIF frames
     frames, bar = [], tqdm(total=total, desc=f"{args.method} x {n} images", file=sys.stderr)
 
@@ -161,25 +177,29 @@ def export(diffusion, model, args, label, device):
         tmp.close()
         array = np.lib.format.open_memmap(tmp.name, mode="w+", dtype=np.uint8, shape=(args.num, *shape))
     bar = tqdm(total=args.num, desc="images", unit="img", file=sys.stderr)
-    for first in range(args.start, args.start + args.num, args.batch_size):
-        indices = list(range(first, min(first + args.batch_size, args.start + args.num)))
-        labels = None
-        if label is not None:
-            labels = torch.tensor([i % num_classes if label == "all" else label for i in indices], device=device)
-        images = to_uint8(generate(diffusion, model, args, indices, labels)).numpy()
-        for i, image in zip(indices, images):
-            if args.png_dir:
-                Image.fromarray(image.squeeze()).save(os.path.join(args.png_dir, f"{i:06d}.png"))
+    try:
+        for first in range(args.start, args.start + args.num, args.batch_size):
+            indices = list(range(first, min(first + args.batch_size, args.start + args.num)))
+            labels = None
+            if label is not None:
+                labels = torch.tensor([i % num_classes if label == "all" else label for i in indices],
+                                      device=device)
+            images = to_uint8(generate(diffusion, model, args, indices, labels)).numpy()
+            for i, image in zip(indices, images):
+                if args.png_dir:
+                    Image.fromarray(image.squeeze()).save(os.path.join(args.png_dir, f"{i:06d}.png"))
+            if args.npz:
+                array[first - args.start:first - args.start + len(indices)] = images
+            bar.update(len(indices))
+        bar.close()
         if args.npz:
-            array[first - args.start:first - args.start + len(indices)] = images
-        bar.update(len(indices))
-    bar.close()
-    if args.npz:
-        array.flush()
-        del array
-        with zipfile.ZipFile(args.npz, "w") as zf:
-            zf.write(tmp.name, "arr_0.npy")
-        os.remove(tmp.name)
+            array.flush()
+            del array
+            with zipfile.ZipFile(args.npz, "w") as zf:
+                zf.write(tmp.name, "arr_0.npy")
+    finally:  # also on Ctrl-C or a full disk: no half-written .npy left behind
+        if args.npz and os.path.exists(tmp.name):
+            os.remove(tmp.name)
     return args.npz or args.png_dir
 
 
@@ -198,9 +218,13 @@ def main(argv=None):
         label = parse_label(args.label, model.config.num_classes)
         if args.steps is not None and args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+        if args.method != "ddpm" and args.steps is None:  # the default, or as many as a small T has
+            args.steps = min({"ddim": 100, "dpm": 20}[args.method], diffusion.T - (args.method == "dpm"))
         path = export(diffusion, model, args, label, device) if args.num else sample_grid(diffusion, model, args, label, device)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
+    except KeyboardInterrupt:
+        sys.exit(130)
     print(path)
     return path
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -293,6 +294,14 @@ def test_folder_loader_labels_subfolders_and_skips_corrupt_images(tmp_path):
     with pytest.warns(UserWarning, match="broken.jpg"):
         x, _ = ds[broken]
     assert x.shape == (3, 16, 16)
+    Image.MAX_IMAGE_PIXELS, limit = 500, Image.MAX_IMAGE_PIXELS  # 40x30 images are now "bombs"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x, _ = ds[ds.files.index(str(tmp_path / "cats" / "a.png"))]  # a.png, b.jpg, broken.jpg skipped
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert "decompression bomb" in str(caught[0].message) and x.shape == (3, 16, 16)
 
 
 # ---------------------------------------------------------------- training and sampling end to end
@@ -483,7 +492,17 @@ def trained(tmp_path_factory):
     (["--channels", "8,16,16", "--attention", "0,0,0", "--image-size", "30"], "cannot be halved 2 times"),
     (["--channels", "8,16", "--attention", "0"], "one entry per level"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
-    (["--timesteps", "1"], "--timesteps) must be at least 2"),
+    (["--channels", "0,16", "--attention", "0,0"], "channel width 0 must be a multiple of 4"),
+    (["--num-res", "0"], "num_res must be at least 1"),
+    (["--time-emb-dim", "3"], "time_emb_dim must be even"),
+    (["--attention", "0,0,2"], "use 0 or 1 per level"),
+    (["--grad-clip", "-1"], "--grad-clip must be above 0"),
+    (["--ema-decay", "2"], "--ema-decay must be at least 0 and below 1"),
+    (["--image-size", "0"], "--image-size must be at least 1"),
+    (["--timesteps", "20"], "--sample-steps 50 is more than --timesteps 20"),
+    (["--device", "bogus"], "unknown --device 'bogus'"),
+    (["--device", "cuda:99"], "this machine has no such device"),
+    (["--timesteps", "1", "--sample-steps", "1"], "--timesteps) must be at least 2"),
     (["--batch-size", "100000", "--channels", "8", "--attention", "0"], "too few for --batch-size"),
 ])
 def test_bad_training_input_is_one_line(capsys, tmp_path, argv, expected):
@@ -518,6 +537,13 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     assert "no checkpoint at" in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume"])
     argv = ["--out-dir", str(trained), "--resume", "--channels", "8,32"]
     assert "--channels ([8, 16] there, (8, 32) here)" in one_line_error(capsys, train.main, argv)
+    write_images(tmp_path / "rgb", ["a.png", "b.png"], (28, 28))
+    argv = ["--out-dir", str(trained), "--resume", "--dataset", "folder", "--data-dir", str(tmp_path / "rgb")]
+    assert "trained on other data (in_channels 1 there, 3 here)" in one_line_error(capsys, train.main, argv)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "ckpt.pt").write_bytes((trained / "ema_fp16.pt").read_bytes())
+    argv = ["--out-dir", str(tmp_path / "export"), "--resume"]
+    assert "holds only EMA weights" in one_line_error(capsys, train.main, argv)
     truncated = tmp_path / "ckpt.pt"
     truncated.write_bytes((trained / "ckpt.pt").read_bytes()[:5000])
     message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume"])
@@ -533,6 +559,14 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--method", "ddpm", "--steps", "10"], "always takes all T steps"),
     (["--eta", "1.5"], "--eta must be between 0 and 1"),
     (["--eta", "-0.5"], "--eta must be between 0 and 1"),
+    (["--method", "dpm", "--eta", "0.5"], "--eta applies to --method ddim only"),
+    (["--guidance", "2"], "--guidance needs --label"),
+    (["--num", "3"], "--num needs --npz and/or --png-dir"),
+    (["--start", "5"], "--start need --num"),
+    (["--num", "2", "--npz", "x.npz", "--out", "g.png"], "drop them with --num"),
+    (["--num", "2", "--npz", "."], "is a folder: give a file name"),
+    (["--out", "grid.xyz"], "use an image file name"),
+    (["--gif", "denoise.png"], "must end in .gif"),
     (["--method", "dpm", "--steps", "20"], "between 1 and T-1=19 for DPM-Solver"),
     (["--no-ema", "--ckpt", "EXPORT"], "holds only the EMA weights"),
 ])
@@ -544,6 +578,7 @@ def test_bad_sampling_input_is_one_line(capsys, trained, argv, expected):
 
 def test_sampling_bad_files_are_one_line(capsys, tmp_path):
     assert "no checkpoint at" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "none.pt")])
+    assert "is a folder: give the checkpoint file" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path)])
     (tmp_path / "notes.pt").write_text("just some text")
     assert "not a safe, readable checkpoint" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "notes.pt")])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
@@ -592,6 +627,31 @@ def test_npz_and_png_export_and_start_gives_the_same_images(tmp_path, trained):
     assert np.array_equal(everything["arr_0"][3:], part["arr_0"])
     assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000004.png")), everything["arr_0"][4, :, :, 0])
+
+
+def test_default_steps_fit_a_model_with_small_T(tmp_path, trained):
+    for method in ("ddim", "dpm"):  # 100 and 20 by default; this model has T = 20
+        path = sample.main(["--ckpt", str(trained / "ckpt.pt"), "--method", method, "--nrow", "2",
+                            "--out", str(tmp_path / f"{method}.png")])
+        assert Image.open(path).size == (2 * 28 + 3 * 2, 2 * 28 + 3 * 2)
+
+
+def test_interrupted_export_leaves_no_temporary_file(tmp_path, trained, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "generate", interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--ckpt", str(trained / "ckpt.pt"), "--num", "4", "--npz", str(tmp_path / "x.npz")])
+    assert exit_info.value.code == 130 and os.listdir(tmp_path) == []
+
+
+def test_checkpoint_is_saved_even_when_the_grid_fails(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(train, "save_grid", full_disk)
+    with pytest.raises(SystemExit, match="No space left"):
+        train.main(["--out-dir", str(tmp_path), "--max-steps", "1", *TINY])
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
 
 
 def test_dpm_solver_20_steps_is_closer_to_the_ode_than_ddim_20(tmp_path):

@@ -114,12 +114,19 @@ def ints(text):
 
 
 def bools(text):
-    return tuple(bool(v) for v in ints(text))
+    values = ints(text)
+    if not set(values) <= {0, 1}:
+        raise argparse.ArgumentTypeError(f"use 0 or 1 per level, e.g. 0,0,1, not {text}")
+    return tuple(bool(v) for v in values)
 
 
 def build_parser(default=None):
     """A flag per constant above (--data-dir for DATA_DIR), its comment as the help."""
-    p = Parser(description=__doc__, formatter_class=Formatter)
+    value = lambda v: ",".join(str(int(x)) for x in v) if isinstance(v, tuple) else v  # as typed
+    presets = "\n".join(f"  {name}: " + " ".join(f"{k}={value(v)}" for k, v in preset.items())
+                        for name, preset in PRESETS.items())
+    p = Parser(description=__doc__, formatter_class=Formatter,
+               epilog=f"--dataset picks a preset, which replaces the defaults above:\n{presets}")
 
     def add(name, **kwargs):
         p.add_argument("--" + name.lower().replace("_", "-"), default=default or globals()[name],
@@ -175,6 +182,13 @@ def parse_args(argv=None):
     for name in ("batch_size", "max_steps", "log_every", "sample_every", "save_every", "sample_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error("--image-size must be at least 1")
+    if not args.grad_clip > 0:
+        parser.error("--grad-clip must be above 0")
+    for name in ("label_dropout", "dropout", "ema_decay"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 0 and below 1")
     return args
 
 
@@ -215,7 +229,13 @@ def setup(args):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+            or device.type == "mps" and not torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: this machine has no such device (--device auto picks one)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and later
@@ -303,7 +323,7 @@ def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype):
     return loss.detach(), bad
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, keep_previous=True):
     """Write atomically, keeping the last one as *.prev.pt: a crash at any moment of a save
     leaves a complete ckpt.pt, and a bad checkpoint still has a predecessor."""
     tmp, prev = path + ".tmp", path[:-3] + ".prev.pt"
@@ -312,7 +332,8 @@ def save_checkpoint(state, path):
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(path):  # link (or copy) it to *.prev.pt first: ckpt.pt never goes missing
+        # link (or copy) the last one to *.prev.pt first: ckpt.pt never goes missing
+        if keep_previous and os.path.exists(path):
             if os.path.exists(prev + ".tmp"):
                 os.remove(prev + ".tmp")
             try:
@@ -364,7 +385,7 @@ class Interrupt:
 def save_grid(ema, diffusion, args, num_classes, path, device):
     """A fixed-seed grid from the EMA model: the same noise at every step of training."""
     n = 16 if num_classes == 0 else 10 * min(num_classes, 10)
-    y = torch.arange(n, device=device) % num_classes if args.class_cond else None
+    y = torch.arange(n, device=device) // 10 if args.class_cond else None  # a row per class
     shape = (n, ema.config.in_channels, args.image_size, args.image_size)
     # eta=1 (stochastic steps): early in training they give cleaner strokes than eta=0
     x = diffusion.ddim_sample(ema, shape, args.sample_steps, eta=1.0, y=y,
@@ -377,7 +398,12 @@ def train(args):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
+        if not {"model", "optimizer", "args"} <= ckpt.keys():
+            raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): "
+                             "it cannot resume training")
         args = resume_args(args, ckpt)
+    if args.sample_steps > args.timesteps:
+        raise ValueError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     rank, world, device = setup(args)
     master = rank == 0
     if master:
@@ -394,6 +420,11 @@ def train(args):
         raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")
     config = unet_config(args, dataset.channels, dataset.num_classes if args.class_cond else 0)
     check_image_size(args.image_size, config)
+    if ckpt is not None and config_dict(config) != ckpt["model_config"]:
+        changed = [f"{k} {v} there, {config_dict(config)[k]} here" for k, v in ckpt["model_config"].items()
+                   if config_dict(config)[k] != v]
+        raise ValueError(f"{ckpt_path} was trained on other data ({', '.join(changed)}): "
+                         "resume with the --dataset and --data-dir it was trained on")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = UNet(config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -464,11 +495,11 @@ def train(args):
                       f"lr {learning_rate(step - 1, args):.2e} | {rate * args.batch_size * world:.1f} img/s | "
                       f"{elapsed / 60:.1f} min | ETA {(args.max_steps - step) / rate / 60:.1f} min", flush=True)
                 loss_sum, last_log = 0.0, step
+            if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
+                save_checkpoint(checkpoint(model, ema, optimizer, scaler, step, args), ckpt_path)
             if step % args.sample_every == 0 or step == args.max_steps:
                 save_grid(ema, diffusion, args, config.num_classes,
                           os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"), device)
-            if step % args.save_every == 0 or step == args.max_steps or stop:
-                save_checkpoint(checkpoint(model, ema, optimizer, scaler, step, args), ckpt_path)
             if stop:
                 print(f"saved {ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
                 break
@@ -480,8 +511,9 @@ def train(args):
         sys.exit(128 + interrupt.signum)
     if master:  # the EMA weights alone, in fp16: a small file to sample from or share
         state, export = checkpoint(model, ema, optimizer, scaler, step, args), os.path.join(args.out_dir, "ema_fp16.pt")
-        torch.save({"ema": {k: v.half() for k, v in state["ema"].items()},
-                    **{k: state[k] for k in ("model_config", "diffusion", "args", "step")}}, export)
+        save_checkpoint({"ema": {k: v.half() for k, v in state["ema"].items()},
+                         **{k: state[k] for k in ("model_config", "diffusion", "args", "step")}}, export,
+                        keep_previous=False)
         print(f"done: {ckpt_path}, {export}")
     return model, ema
 
@@ -493,6 +525,8 @@ def main(argv=None):
         return train(args)
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
+    except KeyboardInterrupt:  # before the loop takes over Ctrl-C: nothing to save yet
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 # name: (channels, default image size, random horizontal flips when training)
 DATASETS = {"mnist5k": (1, 28, False), "mnist": (1, 28, False), "cifar10": (3, 32, True),
             "celeba": (3, 64, True), "folder": (3, 64, True)}
+DIGITS = [str(d) for d in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def to_tensor(size):
@@ -159,24 +161,26 @@ def celeba(data_dir, image_size=64):
 
 
 def load_dataset(name, data_dir=None, image_size=None, class_labels=False):
-    """The training set `name`, with attributes channels, image_size, num_classes and hflip."""
+    """The training set `name`, with attributes channels, image_size, classes (names, [] for
+    none), num_classes and hflip."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
     channels, size, hflip = DATASETS[name]
     size = image_size or size
     if name == "mnist5k":
-        dataset, classes = mnist5k(size), 10
+        dataset, classes = mnist5k(size), DIGITS
     elif name == "mnist":
-        dataset, classes = mnist(data_dir, size), 10
+        dataset, classes = mnist(data_dir, size), DIGITS
     elif name == "cifar10":
-        dataset, classes = cifar10(data_dir, size), 10
+        dataset, classes = cifar10(data_dir, size), CIFAR10_CLASSES
     elif name == "celeba":
-        dataset, classes = celeba(data_dir, size), 0
+        dataset, classes = celeba(data_dir, size), []
     else:
         check_dir(data_dir, "image folder", "give --data-dir, a folder of images (any depth)")
         dataset = ImageFolder(data_dir, size, labels=class_labels)
-        classes = len(dataset.classes)
-    dataset.channels, dataset.image_size, dataset.num_classes, dataset.hflip = channels, size, classes, hflip
+        classes = dataset.classes
+    dataset.channels, dataset.image_size, dataset.hflip = channels, size, hflip
+    dataset.classes, dataset.num_classes = classes, len(classes)
     return dataset
 
 

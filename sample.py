@@ -34,7 +34,7 @@ ETA = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
 EMA = True  # sample with the EMA weights
 NROW = 8  # the grid is NROW x NROW images (NROW per class with --label all)
 SEED = 0  # image i is drawn from seed + i
-LABEL = None  # class-conditional models: a class index, or "all" for one row per class
+LABEL = None  # class-conditional models: a class index or name, or "all" for one row per class
 GUIDANCE = 1.0  # classifier-free guidance scale: 1 = conditional, 0 = unconditional
 OUT = None  # grid PNG; None = sample_<method>.png beside the checkpoint
 GIF = None  # also write an animated GIF of the denoising here
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     if args.eta and args.method != "ddim":
         p.error("--eta applies to --method ddim only")
     if args.guidance != 1 and args.label is None:
-        p.error("--guidance needs --label (a class index or all)")
+        p.error("--guidance needs --label (a class index, a class name or all)")
     if args.npz and os.path.isdir(args.npz):
         p.error(f"--npz {args.npz} is a folder: give a file name, e.g. {os.path.join(args.npz, 'samples.npz')}")
     if args.out and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
@@ -103,16 +103,20 @@ def parse_args(argv=None):
     return args
 
 
-def parse_label(label, num_classes):
-    """None, 'all', or a class index checked against the model."""
+def parse_label(label, classes):
+    """None, 'all', or a class index, from an index or a class name (the checkpoint's)."""
     if label is None:
         return None
-    if num_classes == 0:
+    if not classes:
         raise ValueError("--label needs a class-conditional model (train.py --class-cond)")
     if label == "all":
         return "all"
-    if not label.lstrip("-").isdigit() or not 0 <= int(label) < num_classes:
-        raise ValueError(f"--label must be 'all' or a class index 0..{num_classes - 1}, not {label!r}")
+    if label in classes:
+        return classes.index(label)
+    if not label.lstrip("-").isdigit() or not 0 <= int(label) < len(classes):
+        names = ", ".join(classes) if len(classes) <= 20 else f"{classes[0]}, ..., {classes[-1]}"
+        raise ValueError(f"--label must be 'all', a class index 0..{len(classes) - 1} or a class name "
+                         f"({names}), not {label!r}")
     return int(label)
 
 
@@ -215,7 +219,8 @@ def main(argv=None):
         d = ckpt["diffusion"]
         diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
         args.image_size = ckpt["args"]["image_size"]
-        label = parse_label(args.label, model.config.num_classes)
+        classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
+        label = parse_label(args.label, classes)
         if args.steps is not None and args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
         if args.method != "ddpm" and args.steps is None:  # the default, or as many as a small T has

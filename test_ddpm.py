@@ -605,7 +605,23 @@ def test_class_conditional_training_and_guided_grid_per_class(tmp_path, capsys):
     assert Image.open(path).size == (3 * 28 + 4 * 2, 10 * 28 + 11 * 2)  # one row per class
     for bad in ("10", "-1", "cat"):
         message = one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--label", bad])
-        assert "class index 0..9" in message
+        assert "class index 0..9 or a class name (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)" in message
+
+
+def test_folder_classes_are_sampled_by_name(tmp_path, capsys):
+    write_images(tmp_path / "pets" / "cats", ["a.png", "b.png"], (8, 8))
+    write_images(tmp_path / "pets" / "dogs", ["c.png", "d.png"], (8, 8))
+    out = tmp_path / "out"
+    train.main(["--out-dir", str(out), "--max-steps", "1", "--dataset", "folder", "--data-dir", str(tmp_path / "pets"),
+                "--class-cond", "--image-size", "8", *TINY, "--batch-size", "2"])
+    assert load_checkpoint(out / "ema_fp16.pt")["classes"] == ["cats", "dogs"]
+    dogs = sample.main(["--ckpt", str(out / "ema_fp16.pt"), "--label", "dogs", "--nrow", "2", "--steps", "2",
+                        "--out", str(tmp_path / "dogs.png")])
+    one = sample.main(["--ckpt", str(out / "ema_fp16.pt"), "--label", "1", "--nrow", "2", "--steps", "2",
+                       "--out", str(tmp_path / "one.png")])
+    assert np.array_equal(np.asarray(Image.open(dogs)), np.asarray(Image.open(one)))
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--label", "cows"])
+    assert "a class name (cats, dogs), not 'cows'" in message
 
 
 def test_gif_has_frames_of_the_grid_size(tmp_path, trained):

@@ -348,9 +348,9 @@ def save_checkpoint(state, path, keep_previous=True):
         raise OSError(f"could not write {path} ({e}); the previous checkpoint is intact") from None
 
 
-def checkpoint(model, ema, optimizer, scaler, step, args):
-    """Everything a resume needs: plain tensors, numbers, strings, lists and dicts only, so
-    that it loads with torch.load(weights_only=True)."""
+def checkpoint(model, ema, optimizer, scaler, step, args, classes):
+    """Everything a resume needs (and the class names, for sample.py --label): plain tensors,
+    numbers, strings, lists and dicts only, so that it loads with torch.load(weights_only=True)."""
     for name, net in (("weights", model), ("EMA weights", ema)):
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise FloatingPointError(f"the {name} are not finite at step {step}: checkpoint not written")
@@ -358,7 +358,7 @@ def checkpoint(model, ema, optimizer, scaler, step, args):
         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "step": step, "model_config": config_dict(model.config),
         "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective},
-        "args": {k: list_or_value(v) for k, v in vars(args).items()},
+        "args": {k: list_or_value(v) for k, v in vars(args).items()}, "classes": list(classes),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
@@ -418,7 +418,8 @@ def train(args):
     args.image_size = dataset.image_size
     if args.class_cond and dataset.num_classes == 0:
         raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")
-    config = unet_config(args, dataset.channels, dataset.num_classes if args.class_cond else 0)
+    classes = dataset.classes if args.class_cond else []
+    config = unet_config(args, dataset.channels, len(classes))
     check_image_size(args.image_size, config)
     if ckpt is not None and config_dict(config) != ckpt["model_config"]:
         changed = [f"{k} {v} there, {config_dict(config)[k]} here" for k, v in ckpt["model_config"].items()
@@ -496,7 +497,7 @@ def train(args):
                       f"{elapsed / 60:.1f} min | ETA {(args.max_steps - step) / rate / 60:.1f} min", flush=True)
                 loss_sum, last_log = 0.0, step
             if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
-                save_checkpoint(checkpoint(model, ema, optimizer, scaler, step, args), ckpt_path)
+                save_checkpoint(checkpoint(model, ema, optimizer, scaler, step, args, classes), ckpt_path)
             if step % args.sample_every == 0 or step == args.max_steps:
                 save_grid(ema, diffusion, args, config.num_classes,
                           os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"), device)
@@ -510,10 +511,11 @@ def train(args):
     if interrupt.signum:
         sys.exit(128 + interrupt.signum)
     if master:  # the EMA weights alone, in fp16: a small file to sample from or share
-        state, export = checkpoint(model, ema, optimizer, scaler, step, args), os.path.join(args.out_dir, "ema_fp16.pt")
+        state = checkpoint(model, ema, optimizer, scaler, step, args, classes)
+        export = os.path.join(args.out_dir, "ema_fp16.pt")
         save_checkpoint({"ema": {k: v.half() for k, v in state["ema"].items()},
-                         **{k: state[k] for k in ("model_config", "diffusion", "args", "step")}}, export,
-                        keep_previous=False)
+                         **{k: state[k] for k in ("model_config", "diffusion", "args", "step", "classes")}},
+                        export, keep_previous=False)
         print(f"done: {ckpt_path}, {export}")
     return model, ema
 

@@ -195,12 +195,18 @@ class Diffusion:
                 callback(i, steps, x, x0)
         return x
 
+    def default_steps(self, method):
+        """Network evaluations a sampler takes unless told: T for ddpm, 100 for ddim and 20 for
+        dpm, or as many as a small T has."""
+        return {"ddpm": self.T, "ddim": min(100, self.T), "dpm": min(20, self.T - 1)}[method]
+
     def sample(self, model, shape, method="ddim", steps=None, eta=0.0, **kwargs):
         """Dispatch to a sampler by name: ddpm (always T steps), ddim or dpm."""
+        if method not in ("ddpm", "ddim", "dpm"):
+            raise ValueError(f"unknown sampling method {method!r}: use ddpm, ddim or dpm")
+        steps = steps or self.default_steps(method)
         if method == "ddpm":
             return self.ddpm_sample(model, shape, **kwargs)
         if method == "ddim":
-            return self.ddim_sample(model, shape, steps or 100, eta, **kwargs)
-        if method == "dpm":
-            return self.dpm_sample(model, shape, steps or 20, **kwargs)
-        raise ValueError(f"unknown sampling method {method!r}: use ddpm, ddim or dpm")
+            return self.ddim_sample(model, shape, steps, eta, **kwargs)
+        return self.dpm_sample(model, shape, steps, **kwargs)

@@ -96,7 +96,7 @@ def parse_args(argv=None):
         p.error("--guidance needs --label (a class index, a class name or all)")
     if args.npz and os.path.isdir(args.npz):
         p.error(f"--npz {args.npz} is a folder: give a file name, e.g. {os.path.join(args.npz, 'samples.npz')}")
-    if args.out and os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+    if args.out and Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
         p.error(f"--out {args.out}: use an image file name, e.g. grid.png")
     if args.gif and not args.gif.lower().endswith(".gif"):
         p.error(f"--gif {args.gif}: the file name must end in .gif")
@@ -111,7 +111,7 @@ def parse_label(label, classes):
         raise ValueError("--label needs a class-conditional model (train.py --class-cond)")
     if label == "all":
         return "all"
-    if label in classes:
+    if label in classes and not label.isdigit():  # digits are an index, even where a class is named "3"
         return classes.index(label)
     if not label.lstrip("-").isdigit() or not 0 <= int(label) < len(classes):
         names = ", ".join(classes) if len(classes) <= 20 else f"{classes[0]}, ..., {classes[-1]}"
@@ -147,7 +147,7 @@ def sample_grid(diffusion, model, args, label, device):
     else:
         n, nrow = args.nrow ** 2, args.nrow
         labels = None if label is None else torch.full((n,), label, device=device)
-    total = diffusion.T if args.method == "ddpm" else args.steps
+    total = args.steps or diffusion.default_steps(args.method)
     keep = set(np.linspace(0, total - 1, min(total, 80)).round().astype(int).tolist())  # ~80 GIF frames
     frames, bar = [], tqdm(total=total, desc=f"{args.method} x {n} images", file=sys.stderr)
 
@@ -223,8 +223,6 @@ def main(argv=None):
         label = parse_label(args.label, classes)
         if args.steps is not None and args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
-        if args.method != "ddpm" and args.steps is None:  # the default, or as many as a small T has
-            args.steps = min({"ddim": 100, "dpm": 20}[args.method], diffusion.T - (args.method == "dpm"))
         path = export(diffusion, model, args, label, device) if args.num else sample_grid(diffusion, model, args, label, device)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message

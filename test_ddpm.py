@@ -566,6 +566,7 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--num", "2", "--npz", "x.npz", "--out", "g.png"], "drop them with --num"),
     (["--num", "2", "--npz", "."], "is a folder: give a file name"),
     (["--out", "grid.xyz"], "use an image file name"),
+    (["--out", "grid.psd"], "use an image file name"),  # a format PIL reads but cannot write
     (["--gif", "denoise.png"], "must end in .gif"),
     (["--method", "dpm", "--steps", "20"], "between 1 and T-1=19 for DPM-Solver"),
     (["--no-ema", "--ckpt", "EXPORT"], "holds only the EMA weights"),
@@ -646,6 +647,8 @@ def test_npz_and_png_export_and_start_gives_the_same_images(tmp_path, trained):
 
 
 def test_default_steps_fit_a_model_with_small_T(tmp_path, trained):
+    d, model = Diffusion(20), Oracle(Diffusion(20), torch.zeros(1, 1, 4, 4))
+    assert d.sample(model, (1, 1, 4, 4), "dpm").shape == (1, 1, 4, 4)  # 19 steps, not 20
     for method in ("ddim", "dpm"):  # 100 and 20 by default; this model has T = 20
         path = sample.main(["--ckpt", str(trained / "ckpt.pt"), "--method", method, "--nrow", "2",
                             "--out", str(tmp_path / f"{method}.png")])

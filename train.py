@@ -345,7 +345,8 @@ def save_checkpoint(state, path, keep_previous=True):
     except (OSError, RuntimeError) as e:  # a full disk shows up as either
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise OSError(f"could not write {path} ({e}); the previous checkpoint is intact") from None
+        intact = "; the previous checkpoint is intact" if keep_previous else ""
+        raise OSError(f"could not write {path} ({e}){intact}") from None
 
 
 def checkpoint(model, ema, optimizer, scaler, step, args, classes):

@@ -29,7 +29,7 @@ from train import Formatter, Parser, setup
 
 CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
 METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
-STEPS = None  # None = 100 for ddim, 20 for dpm; ddpm always takes T
+STEPS = None  # None = 100 for ddim, 20 for dpm (fewer for a small T); ddpm always takes T
 ETA = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
 EMA = True  # sample with the EMA weights
 NROW = 8  # the grid is NROW x NROW images (NROW per class with --label all)

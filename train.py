@@ -423,8 +423,8 @@ def train(args):
     config = unet_config(args, dataset.channels, len(classes))
     check_image_size(args.image_size, config)
     if ckpt is not None and config_dict(config) != ckpt["model_config"]:
-        changed = [f"{k} {v} there, {config_dict(config)[k]} here" for k, v in ckpt["model_config"].items()
-                   if config_dict(config)[k] != v]
+        now = config_dict(config)
+        changed = [f"{k} {v} there, {now[k]} here" for k, v in ckpt["model_config"].items() if now[k] != v]
         raise ValueError(f"{ckpt_path} was trained on other data ({', '.join(changed)}): "
                          "resume with the --dataset and --data-dir it was trained on")
     torch.manual_seed(args.seed)  # the same initial weights on every rank

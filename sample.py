@@ -5,20 +5,22 @@ Sample from a trained DDPM: a grid PNG, a GIF of the denoising, or many images f
     python sample.py --method ddpm --ema --nrow 4       # ancestral sampling over all T steps
     python sample.py --method dpm --steps 20 --gif out/denoise.gif
     python sample.py --label all --guidance 2           # class-conditional: one row per class
-    python sample.py --num 50000 --npz samples.npz      # for FID (--png-dir DIR for PNGs)
+    python sample.py --num-samples 50000 --npz samples.npz   # for FID (--png-dir DIR for PNGs)
+    torchrun --standalone --nproc_per_node=8 sample.py --num-samples 50000 --npz samples.npz
 
 Image i is drawn from seed + i alone, so the same seed gives the same images whatever the
-batch size, and a long export can be split or resumed with --start.
+batch size, and a long export can be split or resumed with --first (torchrun splits it over
+its processes by itself).
 """
 import argparse
 import os
 import re
 import sys
-import tempfile
 import zipfile
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -38,10 +40,10 @@ LABEL = None  # class-conditional models: a class index or name, or "all" for on
 GUIDANCE = 1.0  # classifier-free guidance scale: 1 = conditional, 0 = unconditional
 OUT = None  # grid PNG; None = sample_<method>.png beside the checkpoint
 GIF = None  # also write an animated GIF of the denoising here
-NUM = None  # export mode: this many images to --npz and/or --png-dir
+NUM_SAMPLES = None  # export mode: this many images to --npz and/or --png-dir
 NPZ = None  # uint8 NHWC under key arr_0 (the ADM evaluation suite's format)
 PNG_DIR = None  # numbered PNGs (pytorch-fid, clean-fid)
-START = 0  # index of the first image to export
+FIRST = 0  # index of the first image to export
 BATCH_SIZE = 64  # images per forward pass when exporting
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
@@ -66,28 +68,28 @@ def parse_args(argv=None):
     add("GUIDANCE", type=float)
     add("OUT")
     add("GIF")
-    add("NUM", type=int)
+    add("NUM_SAMPLES", type=int)
     add("NPZ")
     add("PNG_DIR")
-    add("START", type=int)
+    add("FIRST", type=int)
     add("BATCH_SIZE", type=int)
     add("DEVICE")
     args = p.parse_args(argv)
-    for name in ("nrow", "batch_size") + (("num",) if args.num is not None else ()):
+    for name in ("nrow", "batch_size") + (("num_samples",) if args.num_samples is not None else ()):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.steps is not None and args.steps < 1:
         p.error("--steps must be at least 1")
     if args.method == "ddpm" and args.steps is not None:
         p.error("--method ddpm always takes all T steps: use ddim or dpm for fewer")
-    if args.start < 0:
-        p.error("--start must be 0 or more")
-    if (args.npz or args.png_dir or args.start) and args.num is None:
-        p.error("--npz, --png-dir and --start need --num")
-    if args.num is not None and not (args.npz or args.png_dir):
-        p.error("--num needs --npz and/or --png-dir to write the images to")
-    if args.num is not None and (args.out or args.gif):
-        p.error("--out and --gif write a grid: drop them with --num")
+    if args.first < 0:
+        p.error("--first must be 0 or more")
+    if (args.npz or args.png_dir or args.first) and args.num_samples is None:
+        p.error("--npz, --png-dir and --first need --num-samples")
+    if args.num_samples is not None and not (args.npz or args.png_dir):
+        p.error("--num-samples needs --npz and/or --png-dir to write the images to")
+    if args.num_samples is not None and (args.out or args.gif):
+        p.error("--out and --gif write a grid: drop them with --num-samples")
     if not 0 <= args.eta <= 1:
         p.error(f"--eta must be between 0 and 1, got {args.eta}")
     if args.eta and args.method != "ddim":
@@ -170,20 +172,32 @@ def sample_grid(diffusion, model, args, label, device):
     return out
 
 
-def export(diffusion, model, args, label, device):
-    """--num images from --start, in batches, to an .npz (arr_0, uint8 NHWC) and/or PNGs."""
+def wait_for_all(world):
+    """Every process gets here before any goes on (a CPU all-reduce: gloo, also beside NCCL)."""
+    if world > 1:
+        dist.all_reduce(torch.zeros(1))
+
+
+def export(diffusion, model, args, label, device, rank=0, world=1):
+    """--num-samples images from --first, in batches, to an .npz (arr_0, uint8 NHWC) and/or
+    PNGs. Under torchrun each process makes its share; image i is still drawn from seed + i."""
     num_classes, shape = model.config.num_classes, (args.image_size, args.image_size, model.config.in_channels)
+    share = -(-args.num_samples // world)  # this process makes images begin..end-1
+    begin = min(args.first + rank * share, args.first + args.num_samples)
+    end = min(begin + share, args.first + args.num_samples)
     if args.png_dir:
         os.makedirs(args.png_dir, exist_ok=True)
     if args.npz:  # written batch by batch to a .npy on disk, then zipped: memory stays flat
-        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
-        tmp = tempfile.NamedTemporaryFile(suffix=".npy", dir=os.path.dirname(os.path.abspath(args.npz)), delete=False)
-        tmp.close()
-        array = np.lib.format.open_memmap(tmp.name, mode="w+", dtype=np.uint8, shape=(args.num, *shape))
-    bar = tqdm(total=args.num, desc="images", unit="img", file=sys.stderr)
+        tmp = args.npz + ".tmp.npy"
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.num_samples, *shape)).flush()
+        wait_for_all(world)
+        array = np.lib.format.open_memmap(tmp, mode="r+")
+    bar = tqdm(total=end - begin, desc="images", unit="img", file=sys.stderr, disable=rank > 0)
     try:
-        for first in range(args.start, args.start + args.num, args.batch_size):
-            indices = list(range(first, min(first + args.batch_size, args.start + args.num)))
+        for first in range(begin, end, args.batch_size):
+            indices = list(range(first, min(first + args.batch_size, end)))
             labels = None
             if label is not None:
                 labels = torch.tensor([i % num_classes if label == "all" else label for i in indices],
@@ -193,17 +207,19 @@ def export(diffusion, model, args, label, device):
                 if args.png_dir:
                     Image.fromarray(image.squeeze()).save(os.path.join(args.png_dir, f"{i:06d}.png"))
             if args.npz:
-                array[first - args.start:first - args.start + len(indices)] = images
+                array[first - args.first:first - args.first + len(indices)] = images
             bar.update(len(indices))
         bar.close()
         if args.npz:
             array.flush()
             del array
-            with zipfile.ZipFile(args.npz, "w") as zf:
-                zf.write(tmp.name, "arr_0.npy")
+            wait_for_all(world)
+            if rank == 0:
+                with zipfile.ZipFile(args.npz, "w") as zf:
+                    zf.write(tmp, "arr_0.npy")
     finally:  # also on Ctrl-C or a full disk: no half-written .npy left behind
-        if args.npz and os.path.exists(tmp.name):
-            os.remove(tmp.name)
+        if args.npz and rank == 0 and os.path.exists(tmp):
+            os.remove(tmp)
     return args.npz or args.png_dir
 
 
@@ -214,7 +230,10 @@ def main(argv=None):
         if not args.ema and "model" not in ckpt:
             raise ValueError(f"{args.ckpt} holds only the EMA weights: drop --no-ema")
         model = model_from_checkpoint(ckpt, ema=args.ema)
-        _, _, device = setup(args)
+        rank, world, device = setup(args)
+        if world > 1 and not args.num_samples:
+            raise ValueError("under torchrun, sample.py exports (--num-samples with --npz or "
+                             "--png-dir); a grid takes one process")
         model = model.to(device).eval()
         d = ckpt["diffusion"]
         diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
@@ -223,12 +242,18 @@ def main(argv=None):
         label = parse_label(args.label, classes)
         if args.steps is not None and args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
-        path = export(diffusion, model, args, label, device) if args.num else sample_grid(diffusion, model, args, label, device)
+        if args.num_samples:
+            path = export(diffusion, model, args, label, device, rank, world)
+        else:
+            path = sample_grid(diffusion, model, args, label, device)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
     except KeyboardInterrupt:
         sys.exit(130)
-    print(path)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        print(path)
     return path
 
 

@@ -561,10 +561,10 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--eta", "-0.5"], "--eta must be between 0 and 1"),
     (["--method", "dpm", "--eta", "0.5"], "--eta applies to --method ddim only"),
     (["--guidance", "2"], "--guidance needs --label"),
-    (["--num", "3"], "--num needs --npz and/or --png-dir"),
-    (["--start", "5"], "--start need --num"),
-    (["--num", "2", "--npz", "x.npz", "--out", "g.png"], "drop them with --num"),
-    (["--num", "2", "--npz", "."], "is a folder: give a file name"),
+    (["--num-samples", "3"], "--num-samples needs --npz and/or --png-dir"),
+    (["--first", "5"], "--first need --num-samples"),
+    (["--num-samples", "2", "--npz", "x.npz", "--out", "g.png"], "drop them with --num-samples"),
+    (["--num-samples", "2", "--npz", "."], "is a folder: give a file name"),
     (["--out", "grid.xyz"], "use an image file name"),
     (["--out", "grid.psd"], "use an image file name"),  # a format PIL reads but cannot write
     (["--gif", "denoise.png"], "must end in .gif"),
@@ -635,15 +635,32 @@ def test_gif_has_frames_of_the_grid_size(tmp_path, trained):
 
 def test_npz_and_png_export_and_start_gives_the_same_images(tmp_path, trained):
     ckpt = ["--ckpt", str(trained / "ckpt.pt"), "--method", "dpm", "--steps", "3"]
-    sample.main([*ckpt, "--num", "5", "--batch-size", "2", "--npz", str(tmp_path / "all.npz"),
+    sample.main([*ckpt, "--num-samples", "5", "--batch-size", "2", "--npz", str(tmp_path / "all.npz"),
                  "--png-dir", str(tmp_path / "png")])
-    sample.main([*ckpt, "--num", "2", "--start", "3", "--npz", str(tmp_path / "part.npz")])
+    sample.main([*ckpt, "--num-samples", "2", "--first", "3", "--npz", str(tmp_path / "part.npz")])
     everything, part = np.load(tmp_path / "all.npz"), np.load(tmp_path / "part.npz")
     assert list(everything.keys()) == ["arr_0"]
     assert everything["arr_0"].shape == (5, 28, 28, 1) and everything["arr_0"].dtype == np.uint8
     assert np.array_equal(everything["arr_0"][3:], part["arr_0"])
     assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000004.png")), everything["arr_0"][4, :, :, 0])
+
+
+def test_torchrun_export_shares_the_images_out_and_matches_one_process(tmp_path, trained):
+    args = ["--ckpt", str(trained / "ckpt.pt"), "--method", "dpm", "--steps", "3", "--device", "cpu",
+            "--num-samples", "5", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "sample.py", *args, "--npz", str(tmp_path / "one.npz")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "sample.py", *args, "--npz", str(tmp_path / "two.npz"), "--png-dir", str(tmp_path / "png")],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.split() == [str(tmp_path / "two.npz")]  # printed once, by rank 0
+    assert np.array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"])
+    assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(5)]  # 0-2 rank 0, 3-4 rank 1
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "png", "two.npz"]  # no temporary file left
 
 
 def test_default_steps_fit_a_model_with_small_T(tmp_path, trained):
@@ -660,7 +677,7 @@ def test_interrupted_export_leaves_no_temporary_file(tmp_path, trained, monkeypa
         raise KeyboardInterrupt
     monkeypatch.setattr(sample, "generate", interrupt)
     with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--ckpt", str(trained / "ckpt.pt"), "--num", "4", "--npz", str(tmp_path / "x.npz")])
+        sample.main(["--ckpt", str(trained / "ckpt.pt"), "--num-samples", "4", "--npz", str(tmp_path / "x.npz")])
     assert exit_info.value.code == 130 and os.listdir(tmp_path) == []
 
 

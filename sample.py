@@ -90,8 +90,6 @@ def parse_args(argv=None):
         p.error("--num-samples needs --npz and/or --png-dir to write the images to")
     if args.num_samples is not None and (args.out or args.gif):
         p.error("--out and --gif write a grid: drop them with --num-samples")
-    if not 0 <= args.eta <= 1:
-        p.error(f"--eta must be between 0 and 1, got {args.eta}")
     if args.eta and args.method != "ddim":
         p.error("--eta applies to --method ddim only")
     if args.guidance != 1 and args.label is None:
@@ -196,8 +194,8 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
         array = np.lib.format.open_memmap(tmp, mode="r+")
     bar = tqdm(total=end - begin, desc="images", unit="img", file=sys.stderr, disable=rank > 0)
     try:
-        for first in range(begin, end, args.batch_size):
-            indices = list(range(first, min(first + args.batch_size, end)))
+        for batch_start in range(begin, end, args.batch_size):
+            indices = list(range(batch_start, min(batch_start + args.batch_size, end)))
             labels = None
             if label is not None:
                 labels = torch.tensor([i % num_classes if label == "all" else label for i in indices],
@@ -207,7 +205,7 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
                 if args.png_dir:
                     Image.fromarray(image.squeeze()).save(os.path.join(args.png_dir, f"{i:06d}.png"))
             if args.npz:
-                array[first - args.first:first - args.first + len(indices)] = images
+                array[indices[0] - args.first:indices[-1] + 1 - args.first] = images
             bar.update(len(indices))
         bar.close()
         if args.npz:

@@ -422,8 +422,8 @@ def train(args):
     classes = dataset.classes if args.class_cond else []
     config = unet_config(args, dataset.channels, len(classes))
     check_image_size(args.image_size, config)
-    if ckpt is not None and config_dict(config) != ckpt["model_config"]:
-        now = config_dict(config)
+    now = config_dict(config)
+    if ckpt is not None and now != ckpt["model_config"]:
         changed = [f"{k} {v} there, {now[k]} here" for k, v in ckpt["model_config"].items() if now[k] != v]
         raise ValueError(f"{ckpt_path} was trained on other data ({', '.join(changed)}): "
                          "resume with the --dataset and --data-dir it was trained on")

@@ -358,6 +358,30 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
+class PidDataset(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):  # the index, and the process that loaded it
+        return torch.tensor(i), os.getpid()
+
+
+def test_batches_go_on_epoch_after_epoch_through_the_same_workers():
+    # 10 items / batch 4: 2 batches per epoch; from step 1, epoch 0's second batch, then epochs 1 and 2
+    args = train.parse_args(["--batch-size", "4", "--workers", "2", "--seed", "3"])
+    stream = train.batches(PidDataset(), args, 0, 1, 1, torch.device("cpu"))
+    got = [next(stream) for _ in range(5)]
+    stream.close()
+    sampler = torch.utils.data.DistributedSampler(PidDataset(), 1, 0, shuffle=True, seed=3, drop_last=True)
+    order = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order += list(sampler)[:8]
+    assert [x.tolist() for x, _ in got] == [order[i:i + 4] for i in range(4, 24, 4)]
+    pids = {pid for _, y in got for pid in y.tolist()}
+    assert len(pids) <= 2 and os.getpid() not in pids  # two workers for the whole run, not two per epoch
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, device):

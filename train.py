@@ -277,16 +277,18 @@ def batches(dataset, args, rank, world, step, device):
                          f"on {world} process(es)")
     workers = args.workers if args.workers is not None else 0 if isinstance(dataset, ArrayDataset) else \
         min(4, os.cpu_count() or 1)
-    epoch, skip = divmod(step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        indices = list(sampler)[skip * args.batch_size:per_epoch * args.batch_size]
-        loader = DataLoader(dataset, args.batch_size, sampler=indices, num_workers=workers,
-                            pin_memory=device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(args.seed + epoch))  # not the global RNG
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        epoch, skip = epoch + 1, 0
+
+    def indices():  # every epoch's order, from `step` on, through one loader whose workers never stop
+        epoch, skip = divmod(step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            yield from list(sampler)[skip * args.batch_size:per_epoch * args.batch_size]
+            epoch, skip = epoch + 1, 0
+    loader = DataLoader(dataset, args.batch_size, sampler=indices(), num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))  # not the global RNG
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def learning_rate(step, args):

@@ -115,6 +115,8 @@ class ImageFolder(Dataset):
             self.classes = sorted({p[0] for p in parts})
             self.labels = [self.classes.index(p[0]) for p in parts]
         self.root, self.transform = root, to_tensor(image_size)
+        # files found unreadable, in memory shared with the DataLoader's workers: each is warned of once
+        self.unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
         self[0]  # a folder of unreadable files fails here, in one line, not in a worker
 
     def __len__(self):
@@ -128,9 +130,12 @@ class ImageFolder(Dataset):
         # a corrupt file is replaced by the next readable one, so one bad image never stops a run
         for j in range(len(self.files)):
             k = (i + j) % len(self.files)
+            if self.unreadable[k]:
+                continue
             try:
                 return self.load(self.files[k]), self.labels[k]
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # what PIL raises
+                self.unreadable[k] = True
                 warnings.warn(f"skipping unreadable image {self.files[k]}: {e}")
         raise ValueError(f"no readable images under {self.root!r}")
 

@@ -304,6 +304,16 @@ def test_folder_loader_labels_subfolders_and_skips_corrupt_images(tmp_path):
     assert "decompression bomb" in str(caught[0].message) and x.shape == (3, 16, 16)
 
 
+def test_an_unreadable_image_is_warned_of_once_across_workers_and_epochs(tmp_path):
+    write_images(tmp_path / "imgs", [f"{i:02d}.png" for i in range(35)], (8, 8))
+    (tmp_path / "imgs" / "05b.png").write_bytes(b"not a png")  # 36 files: 9 batches of 4 per epoch
+    argv = ["train.py", *TINY, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "8",
+            "--batch-size", "4", "--max-steps", "36", "--workers", "2", "--out-dir", str(tmp_path / "o")]
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("skipping unreadable image") == 1, result.stderr  # 4 epochs, 2 workers
+
+
 # ---------------------------------------------------------------- training and sampling end to end
 
 def test_train_then_sample_writes_a_grid_png(tmp_path):

@@ -170,15 +170,32 @@ def test_ddim_eta0_is_deterministic():
     assert torch.equal(run(), run())
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_dpm_solver_is_second_order_on_gaussian_data(schedule):
-    # data ~ N(0, c^2): the exact noise predictor and the exact ODE solution are known in closed form
-    d, c = Diffusion(1000, schedule), 0.25
-
+def gaussian_eps(d, c):
+    """The exact noise predictor for data ~ N(0, c^2) (an eps-objective model)."""
     def exact_eps(xt, t, y=None):
         a, s = d.sqrt_alpha_bar[t].view(-1, 1, 1, 1), d.sqrt_one_minus_alpha_bar[t].view(-1, 1, 1, 1)
         x0 = a * c ** 2 / (a ** 2 * c ** 2 + s ** 2) * xt  # E[x0 | xt]
         return (xt - a * x0) / s
+    return exact_eps
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddpm_sampler_keeps_the_marginals_of_gaussian_data(schedule):
+    # with the exact predictor, every x_t of Algorithm 2 must be N(0, alpha_bar c^2 + 1 - alpha_bar),
+    # which tests the posterior mean and variance (eq. 6-7) at every step, not just the last x0
+    d, c, stds = Diffusion(1000, schedule), 0.25, {}
+    record = lambda i, steps, x, x0: stds.update({d.T - 2 - i: x.std()})  # x is now x_{t-1}
+    x = d.ddpm_sample(gaussian_eps(d, c), (64, 1, 16, 16), torch.Generator().manual_seed(0), callback=record)
+    for t in (899, 499, 199, 49, 0):
+        assert abs(stds[t] / (d.alpha_bar[t] * c ** 2 + 1 - d.alpha_bar[t]).sqrt() - 1) < 0.02, t
+    assert abs(x.std() / c - 1) < 0.02
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpm_solver_is_second_order_on_gaussian_data(schedule):
+    # data ~ N(0, c^2): the exact noise predictor and the exact ODE solution are known in closed form
+    d, c = Diffusion(1000, schedule), 0.25
+    exact_eps = gaussian_eps(d, c)
     z = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0))
     exact = c * z / (d.alpha_bar[-1] * c ** 2 + 1 - d.alpha_bar[-1]).sqrt()  # the ODE keeps x / std(x_t)
     error = lambda method, steps: (d.sample(exact_eps, z.shape, method, steps,

@@ -385,6 +385,24 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
+def test_resume_after_a_skipped_update_is_still_bitwise_identical(tmp_path, monkeypatch):
+    # the 3rd loss of each run is NaN: its update is skipped and its batch tried again, so step
+    # i still trains on batch i, which is where a resumed run takes up the data
+    real_loss, calls = train.Diffusion.loss, []
+
+    def nan_once(self, *a, **k):
+        calls.append(1)
+        return real_loss(self, *a, **k) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(train.Diffusion, "loss", nan_once)
+    common = [*TINY, "--save-every", "100", "--sample-every", "100", "--no-lr-decay"]
+    train.main(["--out-dir", str(tmp_path / "straight"), "--max-steps", "8", *common])
+    calls.clear()
+    train.main(["--out-dir", str(tmp_path / "split"), "--max-steps", "4", *common])
+    train.main(["--out-dir", str(tmp_path / "split"), "--max-steps", "8", "--resume"])
+    assert len(calls) == 5 + 4  # one skipped update before the split, none after
+    assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
+
+
 class PidDataset(torch.utils.data.Dataset):
     def __len__(self):
         return 10

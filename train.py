@@ -464,7 +464,9 @@ def train(args):
     interrupt, bad_steps, loss_sum, last_log, t0, start = Interrupt(), 0, 0.0, step, time.time(), step
     try:
         while step < args.max_steps:
-            x, y = next(data)
+            if not bad_steps:  # after a skipped update the batch is tried again (new noise, new t):
+                batch = next(data)  # step i always trains on batch i, as a resumed run expects
+            x, y = batch
             if dataset.hflip:
                 x = random_hflip(x)
             if args.class_cond:  # drop labels so the model also learns p(x) (Ho & Salimans 2022)
@@ -480,7 +482,7 @@ def train(args):
                 if bad_steps >= args.max_bad_steps:
                     raise FloatingPointError(f"{bad_steps} steps in a row with a non-finite loss or "
                                              f"gradient, up to step {step + 1}; stopped without saving")
-                continue  # the step counter does not move; the next batch is tried
+                continue  # the step counter does not move
             bad_steps = 0
             update_ema(ema_params, params, step, args.ema_decay)
             step += 1

@@ -99,14 +99,16 @@ def check_dir(path, what, where):
 
 
 class ImageFolder(Dataset):
-    """Every image file under `root` (recursively). With `labels`, the first-level sub-folder
-    names are the classes. A file that cannot be read is skipped with a warning naming it."""
+    """Every image file under `root` (recursively), or those named in `split`. With `labels`, the
+    first-level sub-folder names are the classes. A file that cannot be read is skipped with a
+    warning naming it."""
 
-    def __init__(self, root, image_size, labels=False):
+    def __init__(self, root, image_size, labels=False, split=None):
         self.files = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+                            if f.lower().endswith(IMAGE_EXTENSIONS) and (split is None or f in split))
         if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}"
+                                    + ("" if split is None else " in the training split"))
         self.classes, self.labels = [], [0] * len(self.files)
         if labels:
             parts = [os.path.relpath(f, root).split(os.sep) for f in self.files]
@@ -150,19 +152,15 @@ def celeba(data_dir, image_size=64):
     if os.path.isdir(os.path.join(images, "img_align_celeba")):  # Kaggle nests it twice
         images = os.path.join(images, "img_align_celeba")
     check_dir(images, "img_align_celeba/", f"--data-dir {data_dir!r} must contain img_align_celeba/*.jpg")
-    dataset = ImageFolder(images, image_size)
+    split = None
     for partition in (os.path.join(data_dir, "list_eval_partition.txt"),
                       os.path.join(data_dir, "list_eval_partition.csv")):
         if os.path.exists(partition):
             with open(partition) as f:
                 rows = [line.replace(",", " ").split() for line in f]
-            train = {row[0] for row in rows if len(row) == 2 and row[1] == "0"}
-            dataset.files = [p for p in dataset.files if os.path.basename(p) in train]
-            dataset.labels = [0] * len(dataset.files)
+            split = {row[0] for row in rows if len(row) == 2 and row[1] == "0"}
             break
-    if not dataset.files:
-        raise FileNotFoundError(f"no CelebA training images under {images!r}")
-    return dataset
+    return ImageFolder(images, image_size, split=split)
 
 
 def load_dataset(name, data_dir=None, image_size=None, class_labels=False):

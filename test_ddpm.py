@@ -293,10 +293,15 @@ def write_images(folder, names, size=(178, 218)):
 def test_celeba_loader_uses_the_official_train_split(tmp_path):
     names = [f"{i:06d}.jpg" for i in range(1, 7)]
     write_images(tmp_path / "img_align_celeba", names)
-    (tmp_path / "list_eval_partition.txt").write_text(
+    (tmp_path / "img_align_celeba" / "000000.jpg").write_bytes(b"not a jpeg")  # a test-split image
+    (tmp_path / "list_eval_partition.txt").write_text("000000.jpg 2\n" +
         "".join(f"{n} {0 if i < 4 else 1}\n" for i, n in enumerate(names)))
-    ds = data.load_dataset("celeba", str(tmp_path))
-    assert len(ds) == 4 and ds[0][0].shape == (3, 64, 64) and ds.num_classes == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # images outside the split are never opened
+        ds = data.load_dataset("celeba", str(tmp_path))
+        x, _ = ds[0]
+    assert len(ds) == 4 and x.shape == (3, 64, 64) and ds.num_classes == 0
+    assert torch.equal(x, ds.load(str(tmp_path / "img_align_celeba" / "000001.jpg")))
 
 
 def test_folder_loader_labels_subfolders_and_skips_corrupt_images(tmp_path):

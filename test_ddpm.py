@@ -390,6 +390,16 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
+def test_resume_can_switch_between_fp32_and_fp16(tmp_path):
+    # an fp32 checkpoint holds an empty gradient-scaler state, which fp16's scaler cannot load
+    common = ["--out-dir", str(tmp_path), *TINY, "--sample-every", "100"]
+    train.main([*common, "--max-steps", "2"])
+    train.main([*common, "--max-steps", "3", "--dtype", "float16", "--resume"])
+    assert load_checkpoint(tmp_path / "ckpt.pt")["scaler"]["scale"] > 0
+    train.main([*common, "--max-steps", "4", "--dtype", "float32", "--resume"])
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 4
+
+
 def test_resume_after_a_skipped_update_is_still_bitwise_identical(tmp_path, monkeypatch):
     # the 3rd loss of each run is NaN: its update is skipped and its batch tried again, so step
     # i still trains on batch i, which is where a resumed run takes up the data

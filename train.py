@@ -441,7 +441,8 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty unless the run that saved it used fp16
+            scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:

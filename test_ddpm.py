@@ -390,6 +390,15 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
+def test_resume_writes_into_the_folder_it_resumed_from(tmp_path, monkeypatch):
+    train.main(["--out-dir", str(tmp_path / "exp1"), *TINY, "--max-steps", "2"])
+    (tmp_path / "exp1").rename(tmp_path / "out")  # the default --out-dir
+    monkeypatch.chdir(tmp_path)
+    train.main(["--resume", "--max-steps", "3", "--sample-every", "3"])
+    assert not (tmp_path / "exp1").exists()
+    assert (tmp_path / "out" / "ema_fp16.pt").exists() and (tmp_path / "out" / "samples" / "step_0000003.png").exists()
+
+
 def test_resume_can_switch_between_fp32_and_fp16(tmp_path):
     # an fp32 checkpoint holds an empty gradient-scaler state, which fp16's scaler cannot load
     common = ["--out-dir", str(tmp_path), *TINY, "--sample-every", "100"]

@@ -193,14 +193,15 @@ def parse_args(argv=None):
 
 
 def resume_args(args, ckpt):
-    """A resumed run keeps the checkpoint's settings, but for the flags given now; a flag that
-    would change the network or the diffusion is an error."""
+    """A resumed run keeps the checkpoint's settings, but for the flags given now and the
+    --out-dir it was found in; a flag that would change the network or the diffusion is an error."""
     saved = ckpt["args"]
     changed = [n for n in MODEL_ARGS if n in args.explicit and saved[n] != list_or_value(getattr(args, n))]
     if changed:
         raise ValueError("the checkpoint was trained with other " + ", ".join(
             f"--{n.replace('_', '-')} ({saved[n]} there, {getattr(args, n)} here)" for n in changed))
-    merged = {**saved, **{n: getattr(args, n) for n in args.explicit}, "explicit": args.explicit}
+    merged = {**saved, **{n: getattr(args, n) for n in args.explicit}, "explicit": args.explicit,
+              "out_dir": args.out_dir}  # a moved run folder keeps its outputs together
     return argparse.Namespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
 

@@ -32,9 +32,18 @@ class UNetConfig:
         if len(self.channels) != len(self.attention):
             raise ValueError(f"channels {self.channels} and attention {self.attention} "
                              "must have one entry per level")
-        for c in self.channels:
+        for c, attention in zip(self.channels, self.attention):
             if c < 4 or c % 4 or c // 4 > 32 and c % 32:
                 raise ValueError(f"channel width {c} must be a multiple of 4 (of 32 above 128)")
+            if attention and c % attention_heads(c):
+                raise ValueError(f"channel width {c} does not split into {attention_heads(c)} attention "
+                                 "heads: use a multiple of 64 at levels with attention")
+        for i, c in enumerate(self.channels):  # an UpBlock joins the level below with the skip
+            below = self.channels[min(i + 1, len(self.channels) - 1)]
+            if (below + c) % norm_groups(below + c):
+                raise ValueError(f"channel widths {below} and {c} join into {below + c} channels, which "
+                                 f"GroupNorm's {norm_groups(below + c)} groups do not divide: above 128, "
+                                 "joined widths must be multiples of 32")
         if self.num_res < 1 or self.neck_length < 0:
             raise ValueError(f"num_res must be at least 1 and neck_length at least 0, "
                              f"not {self.num_res} and {self.neck_length}")
@@ -42,9 +51,16 @@ class UNetConfig:
             raise ValueError(f"time_emb_dim must be even and at least 2, not {self.time_emb_dim}")
 
 
+def norm_groups(channels):
+    return min(32, channels // 4)  # 32 from 128 channels up (as in Ho et al.), 4 channels each below
+
+
+def attention_heads(channels):
+    return max(1, channels // 64)  # of 64 channels each, as in Dhariwal & Nichol 2021
+
+
 def Norm(channels):
-    # 32 groups from 128 channels up (as in Ho et al.), 4 channels per group below that
-    return nn.GroupNorm(min(32, channels // 4), channels)
+    return nn.GroupNorm(norm_groups(channels), channels)
 
 
 def norm_silu(norm, x):
@@ -84,9 +100,9 @@ class ResidualBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all pixels, with a residual connection."""
 
-    def __init__(self, channels, head_dim=64):
+    def __init__(self, channels):
         super().__init__()
-        self.heads = max(1, channels // head_dim)
+        self.heads = attention_heads(channels)
         self.norm = Norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)

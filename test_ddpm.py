@@ -586,6 +586,8 @@ def trained(tmp_path_factory):
     (["--channels", "8,16", "--attention", "0"], "one entry per level"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--channels", "0,16", "--attention", "0,0"], "channel width 0 must be a multiple of 4"),
+    (["--channels", "224", "--attention", "1"], "224 does not split into 3 attention heads"),
+    (["--channels", "8,224", "--attention", "0,0"], "join into 232 channels, which GroupNorm's 32"),
     (["--num-res", "0"], "num_res must be at least 1"),
     (["--time-emb-dim", "3"], "time_emb_dim must be even"),
     (["--attention", "0,0,2"], "use 0 or 1 per level"),

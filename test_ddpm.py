@@ -451,22 +451,31 @@ def test_batches_go_on_epoch_after_epoch_through_the_same_workers():
     assert len(pids) <= 2 and os.getpid() not in pids  # two workers for the whole run, not two per epoch
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
-def test_ddp_two_processes_end_with_identical_weights(tmp_path, device):
+@pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cpu", "float16"), pytest.param(
+    "cuda", "auto", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
+    # rank 0 alone gets an inf loss at its 3rd step: both ranks must skip that update together
+    # (in fp16 the scaler hides the inf gradient, so only rank 0 sees anything wrong by itself)
     script = tmp_path / "ddp_run.py"
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "import train\n"
+        "real_loss, calls = train.Diffusion.loss, []\n"
+        "def loss(self, *args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    bad = os.environ['RANK'] == '0' and len(calls) == 3\n"
+        "    return real_loss(self, *args, **kwargs) * (float('inf') if bad else 1.0)\n"
+        "train.Diffusion.loss = loss\n"
         "model, ema = train.main(sys.argv[1:])\n"
         f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            "--out-dir", str(tmp_path / "out"), "--max-steps", "4", *TINY, "--dropout", "0.1",
-           "--device", device]
+           "--device", device, "--dtype", dtype]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
+    assert result.stderr.count("step 3: non-finite loss or gradient, update skipped") == 2  # one per rank
     a, b = (torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]

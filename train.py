@@ -477,6 +477,13 @@ def train(args):
                 group["lr"] = learning_rate(step, args)
             loss, bad = train_step(net, diffusion, optimizer, scaler, params, x, y if args.class_cond else None,
                                    args, dtype)
+            # every rank must skip, and stop, at the same step: one flag each, the max over ranks
+            # (in fp16 the scaler takes an inf gradient for an overflow: only the rank with the
+            # bad loss knows the step was bad)
+            flags = torch.tensor([bad, interrupt.signum or 0])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
             if bad:
                 bad_steps += 1
                 print(f"step {step + 1}: non-finite loss or gradient, update skipped "
@@ -490,9 +497,6 @@ def train(args):
             step += 1
             loss_sum += loss
 
-            stop = torch.tensor(interrupt.signum or 0)
-            if world > 1:  # every rank must stop at the same step
-                dist.all_reduce(stop, dist.ReduceOp.MAX)
             if not master:
                 if stop:
                     break

@@ -358,13 +358,14 @@ def checkpoint(model, ema, optimizer, scaler, step, args, classes):
     for name, net in (("weights", model), ("EMA weights", ema)):
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise FloatingPointError(f"the {name} are not finite at step {step}: checkpoint not written")
+    device = model.conv_in.weight.device
     return {
         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "step": step, "model_config": config_dict(model.config),
         "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective},
         "args": {k: list_or_value(v) for k, v in vars(args).items()}, "classes": list(classes),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {"torch": torch.get_rng_state(),  # and the training GPU's alone: a resume may see fewer
+                "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
     }
 
 
@@ -447,7 +448,7 @@ def train(args):
         step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
         if world > 1:  # only rank 0's RNG state was saved: give each rank its own noise again
             torch.manual_seed(args.seed + rank + 1_000_003 * step)
         del ckpt

@@ -145,7 +145,7 @@ class ImageFolder(Dataset):
 def celeba(data_dir, image_size=64):
     """CelebA aligned faces: `img_align_celeba/*.jpg` under data_dir (the official zip and the
     Kaggle copy both unpack to it); the official train split when list_eval_partition.txt is
-    there. Centre crop and resize, as in the DDPM paper's 64x64 CelebA setup."""
+    there. Each 178x218 photo becomes its centre 178x178 square, resized."""
     check_dir(data_dir, "CelebA folder", "give --data-dir, the folder that holds img_align_celeba/ "
               "(download from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html or Kaggle)")
     images = os.path.join(data_dir, "img_align_celeba")

@@ -522,13 +522,13 @@ def wait_for(condition, proc, timeout=120):
 
 def test_sigint_saves_a_checkpoint_and_exits_nonzero(tmp_path):
     args = [sys.executable, os.path.join(REPO, "train.py"), "--out-dir", str(tmp_path), "--max-steps", "100000",
-            *TINY, "--save-every", "100000", "--sample-every", "100000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            *TINY, "--save-every", "100000", "--sample-every", "100000", "--workers", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert "step 1/" in proc.stdout.readline() + proc.stdout.readline()
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: to the DataLoader workers too
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err
-    assert "resume with --resume" in err
+    assert "resume with --resume" in err and err.count("saving after this step") == 1
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] >= 1
 
 

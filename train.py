@@ -373,10 +373,12 @@ class Interrupt:
     """SIGINT / SIGTERM: finish the step, save, exit. A second Ctrl-C exits at once."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.pid = None, os.getpid()
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the trainer acts
+            return
         self.signum = signum
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit now)",

@@ -631,6 +631,13 @@ def test_empty_or_imageless_folders_are_one_line(capsys, tmp_path):
     assert "img_align_celeba" in one_line_error(capsys, train.main, argv)
 
 
+def test_one_gpu_for_all_torchrun_processes_is_one_line(capsys, monkeypatch):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):  # as torchrun sets them
+        monkeypatch.setenv(name, value)
+    message = one_line_error(capsys, train.main, [*TINY, "--device", "cuda:0"])
+    assert "would put every torchrun process on one GPU" in message
+
+
 def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     argv = ["--out-dir", str(tmp_path / "file" / "out"), *TINY]

@@ -230,6 +230,9 @@ def setup(args):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    elif device.startswith("cuda:") and world > 1:
+        raise ValueError(f"--device {device} would put every torchrun process on one GPU: give "
+                         "--device cuda (or auto), and each process takes the GPU of its LOCAL_RANK")
     try:
         device = torch.device(device)
     except RuntimeError:

@@ -451,28 +451,40 @@ def test_batches_go_on_epoch_after_epoch_through_the_same_workers():
     assert len(pids) <= 2 and os.getpid() not in pids  # two workers for the whole run, not two per epoch
 
 
+def torchrun_two_ranks(tmp_path, on_loss, argv):
+    """train.main under torchrun with 2 processes; on_loss(rank, n) runs at each rank's n-th loss
+    and returns its factor. Each rank saves its final weights as rank<N>.pt, or its exit status
+    as exit<N>."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, signal, sys, torch\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train\n"
+        "real_loss, calls, rank = train.Diffusion.loss, [], int(os.environ['RANK'])\n"
+        f"on_loss = {on_loss}\n"
+        "def loss(self, *args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    return real_loss(self, *args, **kwargs) * on_loss(rank, len(calls))\n"
+        "train.Diffusion.loss = loss\n"
+        "try:\n"
+        "    model, ema = train.main(sys.argv[1:])\n"
+        "except SystemExit as e:\n"
+        f"    open(os.path.join({str(tmp_path)!r}, 'exit%s' % rank), 'w').write(str(e.code))\n"
+        "    raise\n"
+        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank%s.pt' % rank))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "--out-dir", str(tmp_path / "out"), *TINY, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cpu", "float16"), pytest.param(
     "cuda", "auto", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
     # rank 0 alone gets an inf loss at its 3rd step: both ranks must skip that update together
     # (in fp16 the scaler hides the inf gradient, so only rank 0 sees anything wrong by itself)
-    script = tmp_path / "ddp_run.py"
-    script.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {REPO!r})\n"
-        "import train\n"
-        "real_loss, calls = train.Diffusion.loss, []\n"
-        "def loss(self, *args, **kwargs):\n"
-        "    calls.append(1)\n"
-        "    bad = os.environ['RANK'] == '0' and len(calls) == 3\n"
-        "    return real_loss(self, *args, **kwargs) * (float('inf') if bad else 1.0)\n"
-        "train.Diffusion.loss = loss\n"
-        "model, ema = train.main(sys.argv[1:])\n"
-        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank%s.pt' % os.environ['RANK']))\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           "--out-dir", str(tmp_path / "out"), "--max-steps", "4", *TINY, "--dropout", "0.1",
-           "--device", device, "--dtype", dtype]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    on_loss = "lambda rank, n: float('inf') if rank == 0 and n == 3 else 1.0"
+    result = torchrun_two_ranks(tmp_path, on_loss, ["--max-steps", "4", "--dropout", "0.1", "--device", device,
+                                                    "--dtype", dtype])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
     assert result.stderr.count("step 3: non-finite loss or gradient, update skipped") == 2  # one per rank
@@ -480,6 +492,16 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], saved[k]) for k in a)  # no "module." prefixes
+
+
+def test_ddp_a_signal_to_one_rank_stops_both_and_saves(tmp_path):
+    # rank 1 alone gets SIGTERM during its 2nd step (as from a scheduler that signals one process)
+    on_loss = "lambda rank, n: os.kill(os.getpid(), signal.SIGTERM) or 1.0 if rank == 1 and n == 2 else 1.0"
+    result = torchrun_two_ranks(tmp_path, on_loss, ["--max-steps", "100", "--save-every", "100"])
+    assert [(tmp_path / f"exit{r}").read_text() for r in (0, 1)] == ["143", "143"]  # 128 + SIGTERM
+    assert "done" not in result.stdout
+    assert "saved" in result.stderr and load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
+    assert not (tmp_path / "out" / "ema_fp16.pt").exists()
 
 
 # ---------------------------------------------------------------- never losing work

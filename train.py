@@ -469,7 +469,7 @@ def train(args):
 
     params, ema_params = list(model.parameters()), list(ema.parameters())
     data = batches(dataset, args, rank, world, step, device)
-    interrupt, bad_steps, loss_sum, last_log, t0, start = Interrupt(), 0, 0.0, step, time.time(), step
+    interrupt, stop, bad_steps, loss_sum, last_log, t0, start = Interrupt(), 0, 0, 0.0, step, time.time(), step
     try:
         while step < args.max_steps:
             if not bad_steps:  # after a skipped update the batch is tried again (new noise, new t):
@@ -525,8 +525,8 @@ def train(args):
         interrupt.restore()
         if world > 1:
             dist.destroy_process_group()
-    if interrupt.signum:
-        sys.exit(128 + interrupt.signum)
+    if stop:  # a signal to any rank stops them all, and none of them claims to be done
+        sys.exit(128 + stop)
     if master:  # the EMA weights alone, in fp16: a small file to sample from or share
         state = checkpoint(model, ema, optimizer, scaler, step, args, classes)
         export = os.path.join(args.out_dir, "ema_fp16.pt")

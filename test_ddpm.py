@@ -390,6 +390,17 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
+def scale_losses(monkeypatch, factor):
+    """Multiply the n-th training loss by factor(n); returns the list that counts the losses."""
+    real_loss, calls = train.Diffusion.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        return real_loss(self, *args, **kwargs) * factor(len(calls))
+    monkeypatch.setattr(train.Diffusion, "loss", loss)
+    return calls
+
+
 def test_resume_writes_into_the_folder_it_resumed_from(tmp_path, monkeypatch):
     train.main(["--out-dir", str(tmp_path / "exp1"), *TINY, "--max-steps", "2"])
     (tmp_path / "exp1").rename(tmp_path / "out")  # the default --out-dir
@@ -412,12 +423,7 @@ def test_resume_can_switch_between_fp32_and_fp16(tmp_path):
 def test_resume_after_a_skipped_update_is_still_bitwise_identical(tmp_path, monkeypatch):
     # the 3rd loss of each run is NaN: its update is skipped and its batch tried again, so step
     # i still trains on batch i, which is where a resumed run takes up the data
-    real_loss, calls = train.Diffusion.loss, []
-
-    def nan_once(self, *a, **k):
-        calls.append(1)
-        return real_loss(self, *a, **k) * (float("nan") if len(calls) == 3 else 1.0)
-    monkeypatch.setattr(train.Diffusion, "loss", nan_once)
+    calls = scale_losses(monkeypatch, lambda n: float("nan") if n == 3 else 1.0)
     common = [*TINY, "--save-every", "100", "--sample-every", "100", "--no-lr-decay"]
     train.main(["--out-dir", str(tmp_path / "straight"), "--max-steps", "8", *common])
     calls.clear()
@@ -557,13 +563,7 @@ def test_sigint_saves_a_checkpoint_and_exits_nonzero(tmp_path):
 def test_nonfinite_loss_is_skipped_counted_and_stops_without_overwriting(tmp_path, monkeypatch, capsys):
     train.main(["--out-dir", str(tmp_path), "--max-steps", "2", *TINY])
     before = (tmp_path / "ckpt.pt").read_bytes()
-    real_loss, calls = train.Diffusion.loss, []
-
-    def nan_after_one(self, *a, **k):
-        calls.append(1)
-        loss = real_loss(self, *a, **k)
-        return loss if len(calls) == 1 else loss * float("nan")
-    monkeypatch.setattr(train.Diffusion, "loss", nan_after_one)
+    calls = scale_losses(monkeypatch, lambda n: 1.0 if n == 1 else float("nan"))
     message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--max-steps", "50", "--resume",
                                                   "--max-bad-steps", "3", "--save-every", "1"])
     assert "3 steps in a row" in message and "step 4" in message

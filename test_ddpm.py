@@ -660,6 +660,21 @@ def test_one_gpu_for_all_torchrun_processes_is_one_line(capsys, monkeypatch):
     assert "would put every torchrun process on one GPU" in message
 
 
+def test_a_gpu_is_named_by_its_index(monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda": setup() picks GPU 0, or LOCAL_RANK's under torchrun."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    for local_rank, device, expected in ((None, "auto", "cuda:0"), (None, "cuda", "cuda:0"), ("1", "cuda", "cuda:1")):
+        if local_rank:
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+        chosen = []
+        assert train.setup(train.parse_args(["--device", device]))[2] == torch.device(expected)
+        assert chosen == [torch.device(expected)]
+
+
 def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     argv = ["--out-dir", str(tmp_path / "file" / "out"), *TINY]

@@ -228,16 +228,16 @@ def setup(args):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    elif device.startswith("cuda:") and world > 1:
+    if device.startswith("cuda:") and world > 1:
         raise ValueError(f"--device {device} would put every torchrun process on one GPU: give "
                          "--device cuda (or auto), and each process takes the GPU of its LOCAL_RANK")
+    if device == "cuda":  # a GPU by index, as set_device needs: under torchrun, the LOCAL_RANK-th
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     try:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if (device.type == "cuda" and device.index >= torch.cuda.device_count()
             or device.type == "mps" and not torch.backends.mps.is_available()):
         raise ValueError(f"--device {device}: this machine has no such device (--device auto picks one)")
     if device.type == "cuda":

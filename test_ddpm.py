@@ -2,6 +2,7 @@
 import os
 import pickle
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -827,6 +828,19 @@ def test_interrupted_export_leaves_no_temporary_file(tmp_path, trained, monkeypa
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--ckpt", str(trained / "ckpt.pt"), "--num-samples", "4", "--npz", str(tmp_path / "x.npz")])
     assert exit_info.value.code == 130 and os.listdir(tmp_path) == []
+
+
+def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
+    # the first step stalls for 2 s, as compiling does on a GPU: only the first line's speed may show it
+    real_step, calls = train.train_step, []
+    def stalling_step(*args):
+        calls.append(1)
+        time.sleep(2 if len(calls) == 1 else 0)
+        return real_step(*args)
+    monkeypatch.setattr(train, "train_step", stalling_step)
+    train.main(["--out-dir", str(tmp_path), "--max-steps", "4", "--sample-every", "1000", *TINY])
+    speeds = [float(s) for s in re.findall(r"([\d.]+) img/s", capsys.readouterr().out)]  # batch 8, 1 step a line
+    assert len(speeds) == 4 and speeds[0] < 8 / 2 and min(speeds[1:]) > 5 * 8 / 2
 
 
 def test_checkpoint_is_saved_even_when_the_grid_fails(tmp_path, monkeypatch):

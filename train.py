@@ -469,7 +469,8 @@ def train(args):
 
     params, ema_params = list(model.parameters()), list(ema.parameters())
     data = batches(dataset, args, rank, world, step, device)
-    interrupt, stop, bad_steps, loss_sum, last_log, t0, start = Interrupt(), 0, 0, 0.0, step, time.time(), step
+    interrupt, stop, bad_steps, loss_sum, last_log, t0 = Interrupt(), 0, 0, 0.0, step, time.time()
+    t_log = t0
     try:
         while step < args.max_steps:
             if not bad_steps:  # after a skipped update the batch is tried again (new noise, new t):
@@ -508,7 +509,8 @@ def train(args):
                     break
                 continue
             if step % args.log_every == 0 or step == args.max_steps:
-                elapsed, rate = time.time() - t0, (step - start) / (time.time() - t0)
+                now = time.time()  # speed since the last line: a slow first step (compiling) drops out
+                elapsed, rate, t_log = now - t0, (step - last_log) / (now - t_log), now
                 print(f"step {step}/{args.max_steps} | loss {loss_sum.item() / (step - last_log):.4f} | "
                       f"lr {learning_rate(step - 1, args):.2e} | {rate * args.batch_size * world:.1f} img/s | "
                       f"{elapsed / 60:.1f} min | ETA {(args.max_steps - step) / rate / 60:.1f} min", flush=True)

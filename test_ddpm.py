@@ -840,7 +840,7 @@ def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "train_step", stalling_step)
     train.main(["--out-dir", str(tmp_path), "--max-steps", "4", "--sample-every", "1000", *TINY])
     speeds = [float(s) for s in re.findall(r"([\d.]+) img/s", capsys.readouterr().out)]  # batch 8, 1 step a line
-    assert len(speeds) == 4 and speeds[0] < 8 / 2 and min(speeds[1:]) > 5 * 8 / 2
+    assert len(speeds) == 4 and speeds[0] <= 4 and min(speeds[1:]) > 20  # 8 images: over 2 s, then under 0.4 s
 
 
 def test_checkpoint_is_saved_even_when_the_grid_fails(tmp_path, monkeypatch):

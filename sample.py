@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from diffusion import Diffusion
 from model import load_checkpoint, model_from_checkpoint
-from train import Formatter, Parser, setup
+from train import Formatter, Parser, setup, wait_for_all
 
 CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
 METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
@@ -168,12 +168,6 @@ def sample_grid(diffusion, model, args, label, device):
         frames[0].save(args.gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
         print(args.gif)
     return out
-
-
-def wait_for_all(world):
-    """Every process gets here before any goes on (a CPU all-reduce: gloo, also beside NCCL)."""
-    if world > 1:
-        dist.all_reduce(torch.zeros(1))
 
 
 def export(diffusion, model, args, label, device, rank=0, world=1):

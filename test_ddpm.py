@@ -458,13 +458,13 @@ def test_batches_go_on_epoch_after_epoch_through_the_same_workers():
     assert len(pids) <= 2 and os.getpid() not in pids  # two workers for the whole run, not two per epoch
 
 
-def torchrun_two_ranks(tmp_path, on_loss, argv):
+def torchrun_two_ranks(tmp_path, on_loss, argv, patch=""):
     """train.main under torchrun with 2 processes; on_loss(rank, n) runs at each rank's n-th loss
-    and returns its factor. Each rank saves its final weights as rank<N>.pt, or its exit status
-    as exit<N>."""
+    and returns its factor, and `patch` (code) runs before train.main. Each rank saves its final
+    weights as rank<N>.pt, or its exit status as exit<N>."""
     script = tmp_path / "ddp_run.py"
     script.write_text(
-        "import os, signal, sys, torch\n"
+        "import os, signal, sys, time, torch\n"
         f"sys.path.insert(0, {REPO!r})\n"
         "import train\n"
         "real_loss, calls, rank = train.Diffusion.loss, [], int(os.environ['RANK'])\n"
@@ -473,6 +473,7 @@ def torchrun_two_ranks(tmp_path, on_loss, argv):
         "    calls.append(1)\n"
         "    return real_loss(self, *args, **kwargs) * on_loss(rank, len(calls))\n"
         "train.Diffusion.loss = loss\n"
+        f"{patch}"
         "try:\n"
         "    model, ema = train.main(sys.argv[1:])\n"
         "except SystemExit as e:\n"
@@ -499,6 +500,22 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], saved[k]) for k in a)  # no "module." prefixes
+
+
+def test_ddp_rank_0_loads_the_data_before_the_others_start(tmp_path):
+    # cifar10 and mnist download into one folder: two processes writing it at once corrupt it
+    done = str(tmp_path / "rank0_loaded")
+    patch = ("real_load = train.load_dataset\n"
+             "def load_dataset(*args):\n"
+             "    if rank == 0:\n"
+             "        time.sleep(1)\n"
+             f"        open({done!r}, 'w').close()\n"
+             f"    elif not os.path.exists({done!r}):\n"
+             "        sys.exit('rank 1 loads the data while rank 0 is still loading it')\n"
+             "    return real_load(*args)\n"
+             "train.load_dataset = load_dataset\n")
+    result = torchrun_two_ranks(tmp_path, "lambda rank, n: 1.0", ["--max-steps", "1"], patch)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_ddp_a_signal_to_one_rank_stops_both_and_saves(tmp_path):

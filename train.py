@@ -249,6 +249,12 @@ def setup(args):
     return rank, world, device
 
 
+def wait_for_all(world):
+    """Every process gets here before any goes on (a CPU all-reduce: gloo, also beside NCCL)."""
+    if world > 1:
+        dist.all_reduce(torch.zeros(1))
+
+
 def amp_dtype(args, device):
     """The autocast dtype, or None for plain fp32."""
     if args.dtype == "auto":
@@ -424,7 +430,11 @@ def train(args):
         except OSError as e:
             raise OSError(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}") from None
 
+    if not master:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
+        wait_for_all(world)
     dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.class_cond)
+    if master:
+        wait_for_all(world)
     args.image_size = dataset.image_size
     if args.class_cond and dataset.num_classes == 0:
         raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")

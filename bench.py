@@ -47,9 +47,11 @@ for name, formula in [("_scaled_dot_product_flash_attention_for_cpu",
         fc.register_flop_formula(op)(formula)
 
 
-def synchronize(device):
+def synchronize(device):  # GPU work is asynchronous: wait for it before reading the clock
     if device.type == "cuda":
         torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def seconds(fn, reps, device, warmup=2):
@@ -98,7 +100,8 @@ def forward_flops(model, config, size, device):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # in KiB on Linux, in bytes on macOS
+    return rss / (2 ** 20 if sys.platform == "darwin" else 1024)
 
 
 def parse_args(argv=None):
@@ -134,6 +137,8 @@ def bench(args):
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)
     dtype = train.amp_dtype(targs, device)
     peak = matmul_peak(device, dtype or torch.float32)  # bf16 autocast is measured against a bf16 peak
+    if device.type == "cuda":  # the peak memory printed is the model's, not the 8192^2 matmuls'
+        torch.cuda.reset_peak_memory_stats(device)
     flops = forward_flops(model, config, size, device)
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {size} px, "
           f"{flops / 1e9:.3f} forward GFLOP/img | {device}, {dtype or torch.float32}, "

@@ -3,8 +3,8 @@ Gaussian diffusion: noise schedules, the training loss and the samplers.
 
 Plain math, no nn.Module: the network is passed into every sampler, so sampling with the
 EMA weights is just passing the EMA model. Timesteps are 0-based in code, t = 0..T-1,
-where the papers count 1..T: the paper's t is our t + 1. alpha_bar[t] is Ho et al.'s
-alpha-bar_t, which DDIM (Song et al. 2021) calls alpha_t.
+where the papers count 1..T: the paper's t is our t + 1, so alpha_bar[t] is Ho et al.'s
+alpha-bar_{t+1}, which DDIM (Song et al. 2021) calls alpha_{t+1}.
 
 References: Ho et al. 2020 (DDPM), Song et al. 2021 (DDIM), Nichol & Dhariwal 2021 (cosine
 schedule), Salimans & Ho 2022 (v), Ho & Salimans 2022 (classifier-free guidance), Hang et

@@ -44,7 +44,7 @@ NUM_SAMPLES = None  # export mode: this many images to --npz and/or --png-dir
 NPZ = None  # uint8 NHWC under key arr_0 (the ADM evaluation suite's format)
 PNG_DIR = None  # numbered PNGs (pytorch-fid, clean-fid)
 FIRST = 0  # index of the first image to export
-BATCH_SIZE = 64  # images per forward pass when exporting
+BATCH_SIZE = 64  # images per batch when exporting
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
 

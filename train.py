@@ -1,7 +1,7 @@
 """
 Train a DDPM. Each preset sets the model and optimisation for a dataset; flags override it.
 
-    python train.py                                   # 5000 embedded MNIST digits, on the CPU
+    python train.py                                   # 5000 embedded MNIST digits (~12 min on a CPU)
     python train.py --dataset cifar10                 # one GPU (downloads CIFAR-10 into ./data)
     python train.py --dataset celeba --data-dir ~/celeba
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10   # DDP, 8 GPUs
@@ -66,7 +66,7 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 DTYPE = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
 COMPILE = None  # torch.compile the model; None = on CUDA only
 WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else min(4, CPU cores)
-SEED = 0  # initial weights, data order, noise; each DDP rank adds its rank
+SEED = 0  # initial weights and data order (the same on every rank), noise (each DDP rank adds its rank)
 # output
 OUT_DIR = "out"  # ckpt.pt, ckpt.prev.pt, ema_fp16.pt, samples/
 LOG_EVERY = 100  # steps between log lines

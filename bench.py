@@ -178,6 +178,8 @@ def main(argv=None):
         return bench(args)
     except (ValueError, OSError) as e:
         sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -229,15 +229,18 @@ def load_checkpoint(path):
             found = re.search(r"GLOBAL (\S+)", str(e))
             reason = f"it holds pickled code ({found.group(1) if found else 'not plain data'}), which was not run"
         raise ValueError(f"{path} is not a safe, readable checkpoint: {reason}") from None
-    if not isinstance(ckpt, dict) or not {"model_config", "diffusion", "ema"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"model_config", "diffusion", "ema", "args"} <= ckpt.keys():
         raise ValueError(f"{path} is a torch file but not a checkpoint written by train.py")
     return ckpt
 
 
 def model_from_checkpoint(ckpt, ema=True):
     """Rebuild the UNet from the config stored in a checkpoint, with its (EMA) weights."""
-    model = UNet(UNetConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
+    try:
+        model = UNet(UNetConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
+    except (TypeError, RuntimeError) as e:  # another version's config, or weights of another model
+        raise ValueError(f"the checkpoint's weights do not fit its model config ({str(e).splitlines()[0]})") from None
     return model
 
 

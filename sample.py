@@ -13,8 +13,10 @@ batch size, and a long export can be split or resumed with --first (torchrun spl
 its processes by itself).
 """
 import argparse
+import math
 import os
 import re
+import signal
 import sys
 import zipfile
 
@@ -90,6 +92,10 @@ def parse_args(argv=None):
         p.error("--num-samples needs --npz and/or --png-dir to write the images to")
     if args.num_samples is not None and (args.out or args.gif):
         p.error("--out and --gif write a grid: drop them with --num-samples")
+    if not 0 <= args.eta <= 1:
+        p.error("--eta must be between 0 and 1")
+    if not math.isfinite(args.guidance):
+        p.error("--guidance must be a finite number")
     if args.eta and args.method != "ddim":
         p.error("--eta applies to --method ddim only")
     if args.guidance != 1 and args.label is None:
@@ -138,6 +144,16 @@ def generate(diffusion, model, args, indices, labels, callback=None):
                             y=labels, guidance=args.guidance, callback=callback)
 
 
+def writable(path, flag):
+    """Make the file's folder and try the file, before minutes of sampling."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path + ".tmp", "wb").close()
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise OSError(f"cannot write {flag} {path}: {e.strerror}") from None
+
+
 def sample_grid(diffusion, model, args, label, device):
     """One grid PNG (and a GIF of the denoising when asked); returns the PNG's path."""
     num_classes = model.config.num_classes
@@ -147,6 +163,13 @@ def sample_grid(diffusion, model, args, label, device):
     else:
         n, nrow = args.nrow ** 2, args.nrow
         labels = None if label is None else torch.full((n,), label, device=device)
+    if n > 1024:  # one batch
+        raise ValueError(f"a grid of {n} images is more than one batch should hold: use a smaller "
+                         "--nrow, or --num-samples with --npz or --png-dir for many images")
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"sample_{args.method}.png")
+    for flag, path in (("--out", out), ("--gif", args.gif)):
+        if path:
+            writable(path, flag)
     total = args.steps or diffusion.default_steps(args.method)
     keep = set(np.linspace(0, total - 1, min(total, 80)).round().astype(int).tolist())  # ~80 GIF frames
     frames, bar = [], tqdm(total=total, desc=f"{args.method} x {n} images", file=sys.stderr)
@@ -158,11 +181,8 @@ def sample_grid(diffusion, model, args, label, device):
 
     x = generate(diffusion, model, args, range(n), labels, callback)
     bar.close()
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"sample_{args.method}.png")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     to_pil_grid(x, nrow).save(out)
     if args.gif:
-        os.makedirs(os.path.dirname(args.gif) or ".", exist_ok=True)
         # about 3 s of denoising whatever the step count, then the last frame held for 2 s
         durations = [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000]
         frames[0].save(args.gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -178,15 +198,16 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
     begin = min(args.first + rank * share, args.first + args.num_samples)
     end = min(begin + share, args.first + args.num_samples)
     if args.png_dir:
-        os.makedirs(args.png_dir, exist_ok=True)
+        writable(os.path.join(args.png_dir, f"{begin:06d}.png"), "--png-dir")
     if args.npz:  # written batch by batch to a .npy on disk, then zipped: memory stays flat
         tmp = args.npz + ".tmp.npy"
         if rank == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
+            writable(args.npz, "--npz")
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.num_samples, *shape)).flush()
         wait_for_all(world)
         array = np.lib.format.open_memmap(tmp, mode="r+")
     bar = tqdm(total=end - begin, desc="images", unit="img", file=sys.stderr, disable=rank > 0)
+    done = begin
     try:
         for batch_start in range(begin, end, args.batch_size):
             indices = list(range(batch_start, min(batch_start + args.batch_size, end)))
@@ -201,6 +222,7 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
             if args.npz:
                 array[indices[0] - args.first:indices[-1] + 1 - args.first] = images
             bar.update(len(indices))
+            done = indices[-1] + 1
         bar.close()
         if args.npz:
             array.flush()
@@ -209,7 +231,16 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
             if rank == 0:
                 with zipfile.ZipFile(args.npz, "w") as zf:
                     zf.write(tmp, "arr_0.npy")
-    finally:  # also on Ctrl-C or a full disk: no half-written .npy left behind
+    except KeyboardInterrupt:  # say what there is to go on from
+        bar.close()
+        if world == 1 and args.png_dir and done > begin:
+            print(f"\ninterrupted: images {begin}..{done - 1} are in {args.png_dir}; go on with "
+                  f"--first {done} --num-samples {end - done}", file=sys.stderr)
+        elif world == 1 and args.npz:
+            print(f"\ninterrupted: {args.npz} is written only once all {end - begin} images are done",
+                  file=sys.stderr)
+        raise
+    finally:  # also on Ctrl-C, kill or a full disk: no half-written .npy left behind
         if args.npz and rank == 0 and os.path.exists(tmp):
             os.remove(tmp)
     return args.npz or args.png_dir
@@ -217,6 +248,7 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
 
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # kill cleans up as Ctrl-C does
     try:
         ckpt = load_checkpoint(args.ckpt)
         if not args.ema and "model" not in ckpt:

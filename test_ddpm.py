@@ -543,6 +543,15 @@ def test_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypat
     assert not (tmp_path / "ckpt.pt.tmp").exists()
 
 
+def test_failed_first_save_claims_no_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    def fail(obj, f):  # what torch.save raises when the disk fills up under it
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 995840 vs 995728")
+    monkeypatch.setattr(train.torch, "save", fail)
+    message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--max-steps", "1", *TINY])
+    assert "is the disk full?" in message and "intact" not in message
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
 def test_killed_save_leaves_a_loadable_checkpoint(tmp_path):
     # SIGKILL a run at random moments while it saves every step: ckpt.pt always loads
     args = [sys.executable, os.path.join(REPO, "train.py"), "--out-dir", str(tmp_path), "--max-steps", "1000",
@@ -643,7 +652,13 @@ def trained(tmp_path_factory):
     (["--grad-clip", "-1"], "--grad-clip must be above 0"),
     (["--ema-decay", "2"], "--ema-decay must be at least 0 and below 1"),
     (["--image-size", "0"], "--image-size must be at least 1"),
-    (["--timesteps", "20"], "--sample-steps 50 is more than --timesteps 20"),
+    (["--timesteps", "20", "--sample-steps", "30"], "--sample-steps 30 is more than --timesteps 20"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--min-snr", "nan"], "--min-snr must be 0 or more"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be at least 1"),
+    (["--data-dir", "my_images"], "--data-dir has no use with the embedded mnist5k"),
     (["--device", "bogus"], "unknown --device 'bogus'"),
     (["--device", "cuda:99"], "this machine has no such device"),
     (["--timesteps", "1", "--sample-steps", "1"], "--timesteps) must be at least 2"),
@@ -651,6 +666,11 @@ def trained(tmp_path_factory):
 ])
 def test_bad_training_input_is_one_line(capsys, tmp_path, argv, expected):
     assert expected in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--device", "cpu", *argv])
+
+
+def test_the_default_grid_steps_fit_a_small_T():
+    assert train.parse_args(["--timesteps", "20"]).sample_steps == 20
+    assert train.parse_args(["--timesteps", "200"]).sample_steps == 50
 
 
 def test_empty_or_imageless_folders_are_one_line(capsys, tmp_path):
@@ -701,10 +721,21 @@ def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
 
 def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     assert "no checkpoint at" in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume"])
+    before = (trained / "ckpt.pt").read_bytes()  # a forgotten --resume must not overwrite a run
+    message = one_line_error(capsys, train.main, ["--out-dir", str(trained), *TINY])
+    assert "ckpt.pt exists: add --resume" in message and (trained / "ckpt.pt").read_bytes() == before
+    message = one_line_error(capsys, train.main, ["--out-dir", str(trained), "--resume", "--max-steps", "1"])
+    assert "at step 1, and --max-steps is 1: nothing to train" in message
+    ckpt = load_checkpoint(trained / "ckpt.pt")  # as another version of train.py might write it
+    (tmp_path / "old").mkdir()
+    torch.save({k: v for k, v in ckpt.items() if k != "rng"}, tmp_path / "old" / "ckpt.pt")
+    argv = ["--out-dir", str(tmp_path / "old"), "--resume", "--max-steps", "2"]
+    assert "does not fit this train.py ('rng')" in one_line_error(capsys, train.main, argv)
     argv = ["--out-dir", str(trained), "--resume", "--channels", "8,32"]
     assert "--channels ([8, 16] there, (8, 32) here)" in one_line_error(capsys, train.main, argv)
     write_images(tmp_path / "rgb", ["a.png", "b.png"], (28, 28))
-    argv = ["--out-dir", str(trained), "--resume", "--dataset", "folder", "--data-dir", str(tmp_path / "rgb")]
+    argv = ["--out-dir", str(trained), "--resume", "--max-steps", "2", "--dataset", "folder",
+            "--data-dir", str(tmp_path / "rgb")]
     assert "trained on other data (in_channels 1 there, 3 here)" in one_line_error(capsys, train.main, argv)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "ckpt.pt").write_bytes((trained / "ema_fp16.pt").read_bytes())
@@ -725,6 +756,8 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--method", "ddpm", "--steps", "10"], "always takes all T steps"),
     (["--eta", "1.5"], "--eta must be between 0 and 1"),
     (["--eta", "-0.5"], "--eta must be between 0 and 1"),
+    (["--eta", "nan"], "--eta must be between 0 and 1"),
+    (["--label", "0", "--guidance", "nan"], "--guidance must be a finite number"),
     (["--method", "dpm", "--eta", "0.5"], "--eta applies to --method ddim only"),
     (["--guidance", "2"], "--guidance needs --label"),
     (["--num-samples", "3"], "--num-samples needs --npz and/or --png-dir"),
@@ -741,6 +774,27 @@ def test_bad_sampling_input_is_one_line(capsys, trained, argv, expected):
     argv = [str(trained / "ema_fp16.pt") if a == "EXPORT" else a for a in argv]
     ckpt = [] if "--ckpt" in argv else ["--ckpt", str(trained / "ckpt.pt")]
     assert expected in one_line_error(capsys, sample.main, ckpt + argv)
+
+
+def test_sampling_checks_where_it_writes_before_it_samples(capsys, tmp_path, trained, monkeypatch):
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: pytest.fail("sampled before the check"))
+    (tmp_path / "file").write_text("")
+    ckpt = ["--ckpt", str(trained / "ckpt.pt")]
+    for argv in (["--out", str(tmp_path / "file" / "g.png")], ["--gif", str(tmp_path / "file" / "d.gif")],
+                 ["--num-samples", "2", "--npz", str(tmp_path / "file" / "s.npz")],
+                 ["--num-samples", "2", "--png-dir", str(tmp_path / "file" / "png")]):
+        assert f"cannot write {argv[-2]} {argv[-1]}" in one_line_error(capsys, sample.main, ckpt + argv)
+    assert "more than one batch should hold" in one_line_error(capsys, sample.main, ckpt + ["--nrow", "33"])
+
+
+def test_checkpoints_that_do_not_fit_their_config_are_one_line(capsys, tmp_path, trained):
+    ckpt = load_checkpoint(trained / "ckpt.pt")
+    extra = {**ckpt, "model_config": {**ckpt["model_config"], "new_option": 1}}  # from another version
+    conditional = {**ckpt, "model_config": {**ckpt["model_config"], "num_classes": 10}}  # no label weights
+    for i, bad in enumerate((extra, conditional)):
+        torch.save(bad, tmp_path / f"{i}.pt")
+        message = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / f"{i}.pt")])
+        assert "weights do not fit its model config" in message
 
 
 def test_sampling_bad_files_are_one_line(capsys, tmp_path):
@@ -845,6 +899,35 @@ def test_interrupted_export_leaves_no_temporary_file(tmp_path, trained, monkeypa
     with pytest.raises(SystemExit) as exit_info:
         sample.main(["--ckpt", str(trained / "ckpt.pt"), "--num-samples", "4", "--npz", str(tmp_path / "x.npz")])
     assert exit_info.value.code == 130 and os.listdir(tmp_path) == []
+
+
+def test_interrupted_png_export_says_where_to_go_on(tmp_path, trained, monkeypatch, capsys):
+    real_generate = sample.generate
+
+    def generate(diffusion, model, args, indices, labels, callback=None):
+        if indices[0] >= 4:  # after two batches of two
+            raise KeyboardInterrupt
+        return real_generate(diffusion, model, args, indices, labels, callback)
+    monkeypatch.setattr(sample, "generate", generate)
+    argv = ["--ckpt", str(trained / "ckpt.pt"), "--steps", "2", "--batch-size", "2", "--num-samples", "6",
+            "--first", "1", "--png-dir", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        sample.main(argv)
+    assert f"images 1..4 are in {tmp_path}; go on with --first 5 --num-samples 2" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == [f"{i:06d}.png" for i in range(1, 5)]
+
+
+def test_killed_export_leaves_no_temporary_file(tmp_path, trained):
+    npz = tmp_path / "x.npz"
+    process = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained / "ckpt.pt"), "--device", "cpu",
+                                "--steps", "2", "--num-samples", "100000", "--npz", str(npz)],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "x.npz.tmp.npy").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    assert "Traceback" not in process.stderr.read() and os.listdir(tmp_path) == []
 
 
 def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):

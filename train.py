@@ -179,13 +179,24 @@ def parse_args(argv=None):
     parser.set_defaults(**PRESETS[args.dataset])
     args = parser.parse_args(argv)
     args.explicit = sorted(explicit)
-    for name in ("batch_size", "max_steps", "log_every", "sample_every", "save_every", "sample_steps"):
+    for name in ("batch_size", "max_steps", "log_every", "sample_every", "save_every", "sample_steps",
+                 "max_bad_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup_steps", "weight_decay", "min_snr", "workers"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if not args.lr > 0:
+        parser.error("--lr must be above 0")
     if args.image_size is not None and args.image_size < 1:
         parser.error("--image-size must be at least 1")
     if not args.grad_clip > 0:
         parser.error("--grad-clip must be above 0")
+    if args.data_dir and args.dataset == "mnist5k":
+        parser.error("--data-dir has no use with the embedded mnist5k: for a folder of images, "
+                     "add --dataset folder")
+    if "sample_steps" not in explicit:  # the default 50 grid steps, for a small --timesteps
+        args.sample_steps = min(args.sample_steps, max(1, args.timesteps))
     for name in ("label_dropout", "dropout", "ema_decay"):
         if not 0 <= getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 0 and below 1")
@@ -357,8 +368,9 @@ def save_checkpoint(state, path, keep_previous=True):
     except (OSError, RuntimeError) as e:  # a full disk shows up as either
         if os.path.exists(tmp):
             os.remove(tmp)
-        intact = "; the previous checkpoint is intact" if keep_previous else ""
-        raise OSError(f"could not write {path} ({e}){intact}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{e}; is the disk full?"
+        intact = "; the previous checkpoint is intact" if keep_previous and os.path.exists(path) else ""
+        raise OSError(f"could not write {path} ({reason}){intact}") from None
 
 
 def checkpoint(model, ema, optimizer, scaler, step, args, classes):
@@ -412,12 +424,18 @@ def save_grid(ema, diffusion, args, num_classes, path, device):
 def train(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = None
+    if not args.resume and os.path.exists(ckpt_path):  # a forgotten --resume would overwrite it
+        raise ValueError(f"{ckpt_path} exists: add --resume to continue that run, or give another "
+                         "--out-dir (or delete that one) to start over")
     if args.resume:
         ckpt = load_checkpoint(ckpt_path)
         if not {"model", "optimizer", "args"} <= ckpt.keys():
             raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): "
                              "it cannot resume training")
         args = resume_args(args, ckpt)
+        if ckpt["step"] >= args.max_steps:
+            raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, and --max-steps is {args.max_steps}: "
+                             "nothing to train; give a larger --max-steps")
     if args.sample_steps > args.timesteps:
         raise ValueError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     rank, world, device = setup(args)
@@ -443,7 +461,7 @@ def train(args):
     check_image_size(args.image_size, config)
     now = config_dict(config)
     if ckpt is not None and now != ckpt["model_config"]:
-        changed = [f"{k} {v} there, {now[k]} here" for k, v in ckpt["model_config"].items() if now[k] != v]
+        changed = [f"{k} {v} there, {now.get(k)} here" for k, v in ckpt["model_config"].items() if now.get(k) != v]
         raise ValueError(f"{ckpt_path} was trained on other data ({', '.join(changed)}): "
                          "resume with the --dataset and --data-dir it was trained on")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -455,15 +473,18 @@ def train(args):
     step = 0
     torch.manual_seed(args.seed + rank)  # different noise on every rank
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty unless the run that saved it used fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["scaler"]:  # empty unless the run that saved it used fp16
+                scaler.load_state_dict(ckpt["scaler"])
+            step = ckpt["step"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"]["cuda"]:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:  # e.g. another version's checkpoint
+            raise ValueError(f"{ckpt_path} does not fit this train.py ({str(e).splitlines()[0]})") from None
         if world > 1:  # only rank 0's RNG state was saved: give each rank its own noise again
             torch.manual_seed(args.seed + rank + 1_000_003 * step)
         del ckpt

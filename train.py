@@ -368,7 +368,7 @@ def save_checkpoint(state, path, keep_previous=True):
     except (OSError, RuntimeError) as e:  # a full disk shows up as either
         if os.path.exists(tmp):
             os.remove(tmp)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{e}; is the disk full?"
+        reason = (e.strerror or e) if isinstance(e, OSError) else f"{e}; is the disk full?"
         intact = "; the previous checkpoint is intact" if keep_previous and os.path.exists(path) else ""
         raise OSError(f"could not write {path} ({reason}){intact}") from None
 
@@ -433,7 +433,7 @@ def train(args):
             raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): "
                              "it cannot resume training")
         args = resume_args(args, ckpt)
-        if ckpt["step"] >= args.max_steps:
+        if ckpt.get("step", 0) >= args.max_steps:
             raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, and --max-steps is {args.max_steps}: "
                              "nothing to train; give a larger --max-steps")
     if args.sample_steps > args.timesteps:

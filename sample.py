@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from diffusion import Diffusion
 from model import load_checkpoint, model_from_checkpoint
-from train import Formatter, Parser, setup, wait_for_all
+from train import Formatter, Parser, setup, wait_for_all, writable
 
 CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
 METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
@@ -142,16 +142,6 @@ def generate(diffusion, model, args, indices, labels, callback=None):
     generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
     return diffusion.sample(model, shape, args.method, args.steps, args.eta, generator=generators,
                             y=labels, guidance=args.guidance, callback=callback)
-
-
-def writable(path, flag):
-    """Make the file's folder and try the file, before minutes of sampling."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        open(path + ".tmp", "wb").close()
-        os.remove(path + ".tmp")
-    except OSError as e:
-        raise OSError(f"cannot write {flag} {path}: {e.strerror}") from None
 
 
 def sample_grid(diffusion, model, args, label, device):

@@ -783,7 +783,7 @@ def test_sampling_checks_where_it_writes_before_it_samples(capsys, tmp_path, tra
     for argv in (["--out", str(tmp_path / "file" / "g.png")], ["--gif", str(tmp_path / "file" / "d.gif")],
                  ["--num-samples", "2", "--npz", str(tmp_path / "file" / "s.npz")],
                  ["--num-samples", "2", "--png-dir", str(tmp_path / "file" / "png")]):
-        assert f"cannot write {argv[-2]} {argv[-1]}" in one_line_error(capsys, sample.main, ckpt + argv)
+        assert f"cannot write to {argv[-2]} {argv[-1]}" in one_line_error(capsys, sample.main, ckpt + argv)
     assert "more than one batch should hold" in one_line_error(capsys, sample.main, ckpt + ["--nrow", "33"])
 
 

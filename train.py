@@ -373,6 +373,16 @@ def save_checkpoint(state, path, keep_previous=True):
         raise OSError(f"could not write {path} ({reason}){intact}") from None
 
 
+def writable(path, flag):
+    """Make the file's folder and try the file, before the work that will write it."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path + ".tmp", "wb").close()
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise OSError(f"cannot write to {flag} {path}: {e.strerror}") from None
+
+
 def checkpoint(model, ema, optimizer, scaler, step, args, classes):
     """Everything a resume needs (and the class names, for sample.py --label): plain tensors,
     numbers, strings, lists and dicts only, so that it loads with torch.load(weights_only=True)."""
@@ -440,13 +450,9 @@ def train(args):
         raise ValueError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
     rank, world, device = setup(args)
     master = rank == 0
-    if master:
-        try:
-            os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-            open(ckpt_path + ".tmp", "wb").close()
-            os.remove(ckpt_path + ".tmp")
-        except OSError as e:
-            raise OSError(f"cannot write to --out-dir {args.out_dir!r}: {e.strerror}") from None
+    if master:  # a bad --out-dir fails now, not at the first grid or save
+        writable(os.path.join(args.out_dir, "samples", "step.png"), "--out-dir")
+        writable(ckpt_path, "--out-dir")
 
     if not master:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
         wait_for_all(world)

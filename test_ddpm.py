@@ -21,9 +21,18 @@ from diffusion import Diffusion, cosine_betas, linear_betas, timesteps
 from model import UNet, UNetConfig, load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = {name: os.path.join(REPO, name) for name in ("train.py", "sample.py")}
 TINY = ["--channels", "8,16", "--attention", "0,1", "--num-res", "1", "--neck-length", "1",
         "--time-emb-dim", "16", "--timesteps", "20", "--batch-size", "8", "--log-every", "1",
         "--device", "cpu", "--sample-steps", "2", "--warmup-steps", "2"]
+
+
+
+@pytest.fixture(autouse=True)
+def in_an_empty_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty working folder: nothing of the user's (out/, data/, a
+    stray checkpoint) changes a result, and no test writes into the clone."""
+    monkeypatch.chdir(tmp_path)
 
 
 # ---------------------------------------------------------------- model
@@ -330,9 +339,9 @@ def test_folder_loader_labels_subfolders_and_skips_corrupt_images(tmp_path):
 def test_an_unreadable_image_is_warned_of_once_across_workers_and_epochs(tmp_path):
     write_images(tmp_path / "imgs", [f"{i:02d}.png" for i in range(35)], (8, 8))
     (tmp_path / "imgs" / "05b.png").write_bytes(b"not a png")  # 36 files: 9 batches of 4 per epoch
-    argv = ["train.py", *TINY, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "8",
+    argv = [SCRIPT["train.py"], *TINY, "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "8",
             "--batch-size", "4", "--max-steps", "36", "--workers", "2", "--out-dir", str(tmp_path / "o")]
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("skipping unreadable image") == 1, result.stderr  # 4 epochs, 2 workers
 
@@ -554,7 +563,7 @@ def test_failed_first_save_claims_no_previous_checkpoint(tmp_path, monkeypatch, 
 
 def test_killed_save_leaves_a_loadable_checkpoint(tmp_path):
     # SIGKILL a run at random moments while it saves every step: ckpt.pt always loads
-    args = [sys.executable, os.path.join(REPO, "train.py"), "--out-dir", str(tmp_path), "--max-steps", "1000",
+    args = [sys.executable, SCRIPT["train.py"], "--out-dir", str(tmp_path), "--max-steps", "1000",
             *TINY, "--save-every", "1", "--sample-every", "1000", "--log-every", "1000"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: (tmp_path / "ckpt.prev.pt").exists(), proc)
@@ -576,7 +585,7 @@ def wait_for(condition, proc, timeout=120):
 
 
 def test_sigint_saves_a_checkpoint_and_exits_nonzero(tmp_path):
-    args = [sys.executable, os.path.join(REPO, "train.py"), "--out-dir", str(tmp_path), "--max-steps", "100000",
+    args = [sys.executable, SCRIPT["train.py"], "--out-dir", str(tmp_path), "--max-steps", "100000",
             *TINY, "--save-every", "100000", "--sample-every", "100000", "--workers", "2"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert "step 1/" in proc.stdout.readline() + proc.stdout.readline()
@@ -699,12 +708,10 @@ def test_one_gpu_for_all_torchrun_processes_is_one_line(capsys, monkeypatch):
 
 
 def test_a_gpu_is_named_by_its_index(monkeypatch):
-    """torch.cuda.set_device refuses a bare "cuda": setup() picks GPU 0, or LOCAL_RANK's under torchrun."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(device))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    """torch.cuda.set_device refuses a bare "cuda": setup() picks GPU 0, or LOCAL_RANK's under torchrun.
+    Two GPUs are pretended through the project's own seams; nothing of torch's is patched."""
+    monkeypatch.setattr(train, "gpus", lambda: 2)
+    monkeypatch.setattr(train, "use_gpu", lambda device: chosen.append(device))
     for local_rank, device, expected in ((None, "auto", "cuda:0"), (None, "cuda", "cuda:0"), ("1", "cuda", "cuda:1")):
         if local_rank:
             monkeypatch.setenv("LOCAL_RANK", local_rank)
@@ -807,9 +814,9 @@ def test_sampling_bad_files_are_one_line(capsys, tmp_path):
 
 
 def test_errors_print_no_traceback_from_the_command_line(tmp_path):
-    for argv in (["train.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
-                 ["sample.py", "--ckpt", str(tmp_path / "none.pt")]):
-        result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    for argv in ([SCRIPT["train.py"], "--dataset", "folder", "--data-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
+                 [SCRIPT["sample.py"], "--ckpt", str(tmp_path / "none.pt")]):
+        result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -870,12 +877,12 @@ def test_torchrun_export_shares_the_images_out_and_matches_one_process(tmp_path,
     args = ["--ckpt", str(trained / "ckpt.pt"), "--method", "dpm", "--steps", "3", "--device", "cpu",
             "--num-samples", "5", "--batch-size", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "sample.py", *args, "--npz", str(tmp_path / "one.npz")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    one = subprocess.run([sys.executable, SCRIPT["sample.py"], *args, "--npz", str(tmp_path / "one.npz")],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "sample.py", *args, "--npz", str(tmp_path / "two.npz"), "--png-dir", str(tmp_path / "png")],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+                          SCRIPT["sample.py"], *args, "--npz", str(tmp_path / "two.npz"), "--png-dir", str(tmp_path / "png")],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.split() == [str(tmp_path / "two.npz")]  # printed once, by rank 0
     assert np.array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"])
@@ -919,9 +926,9 @@ def test_interrupted_png_export_says_where_to_go_on(tmp_path, trained, monkeypat
 
 def test_killed_export_leaves_no_temporary_file(tmp_path, trained):
     npz = tmp_path / "x.npz"
-    process = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained / "ckpt.pt"), "--device", "cpu",
+    process = subprocess.Popen([sys.executable, SCRIPT["sample.py"], "--ckpt", str(trained / "ckpt.pt"), "--device", "cpu",
                                 "--steps", "2", "--num-samples", "100000", "--npz", str(npz)],
-                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "x.npz.tmp.npy").exists() and time.time() < deadline:
         time.sleep(0.2)

@@ -232,13 +232,25 @@ def keep_freed_memory():
     libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: which keeps up to 1 GiB of freed memory
 
 
+def gpus():
+    """How many CUDA GPUs this process can use (the seam tests patch to pretend there are some)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def use_gpu(device):
+    """Make `device` (cuda:N) this process's GPU, with TF32 matmuls and convolutions (Ampere and later)."""
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def setup(args):
     """(rank, world size, device); starts the process group under torchrun."""
     keep_freed_memory()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "cuda" if gpus() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device.startswith("cuda:") and world > 1:
         raise ValueError(f"--device {device} would put every torchrun process on one GPU: give "
                          "--device cuda (or auto), and each process takes the GPU of its LOCAL_RANK")
@@ -248,13 +260,11 @@ def setup(args):
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if (device.type == "cuda" and device.index >= torch.cuda.device_count()
+    if (device.type == "cuda" and device.index >= gpus()
             or device.type == "mps" and not torch.backends.mps.is_available()):
         raise ValueError(f"--device {device}: this machine has no such device (--device auto picks one)")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
+        use_gpu(device)
     if world > 1:  # NCCL takes CUDA tensors only: the CPU stop flag goes through gloo
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, world, device

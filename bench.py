@@ -12,7 +12,6 @@ per network evaluation per image (DDIM), and peak memory.
 """
 import argparse
 import copy
-import re
 import resource
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.flop_counter as fc
 
+import common
 import train
 from data import DATASETS
 from diffusion import Diffusion
@@ -34,7 +34,6 @@ DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast)
 COMPILE = False  # torch.compile the model
 STEPS = 5  # timed training steps (after 2 warm-up steps); sampling times STEPS x 4 evaluations
 SAMPLE_BATCH = 8  # images per sampling batch
-HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
 
 # FlopCounterMode has no formula for the CPU flash-attention kernel behind
 # scaled_dot_product_attention: without this, attention FLOPs count as zero.
@@ -105,20 +104,13 @@ def peak_memory_mb(device):
 
 
 def parse_args(argv=None):
-    p = train.Parser(description=__doc__, formatter_class=train.Formatter)
-
-    def add(name, **kwargs):
-        p.add_argument("--" + name.lower().replace("_", "-"), default=globals()[name], help=HELP[name], **kwargs)
-    add("PRESET", choices=sorted(train.PRESETS))
-    add("BATCH_SIZE", type=int)
-    add("DEVICE")
-    add("DTYPE", choices=("float32", "bfloat16", "float16"))
-    add("COMPILE", dest="use_compile", action=argparse.BooleanOptionalAction)
-    add("STEPS", type=int)
-    add("SAMPLE_BATCH", type=int)
+    """A flag per constant above; the other flags are train.py's model flags."""
+    p = common.add_flags(common.parser(__doc__, "Any other flag is one of train.py's (python train.py --help), "
+                                                "e.g. --channels 32,64,64 --attention 0,0,1 --timesteps 1000"),
+                         globals(), PRESET=dict(choices=sorted(train.PRESETS)),
+                         DTYPE=dict(choices=("float32", "bfloat16", "float16")), COMPILE=dict(dest="use_compile"))
     args, model_flags = p.parse_known_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.sample_batch < 1:
-        p.error("--steps, --batch-size and --sample-batch must be at least 1")
+    common.at_least(p, args, 1, "steps", "batch_size", "sample_batch")
     # the preset and any model flags, read exactly as train.py reads them
     args.train = train.parse_args(["--dataset", args.preset, "--batch-size", str(args.batch_size),
                                    "--device", args.device, "--dtype", args.dtype, *model_flags])
@@ -127,7 +119,7 @@ def parse_args(argv=None):
 
 def bench(args):
     targs = args.train
-    _, _, device = train.setup(targs)
+    _, _, device = common.setup(targs.device)
     channels, size, _ = DATASETS[targs.dataset]
     size = targs.image_size or size
     config = train.unet_config(targs, channels)
@@ -173,13 +165,7 @@ def bench(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return bench(args)
-    except (ValueError, OSError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
-    except KeyboardInterrupt:
-        sys.exit(130)
+    return common.run(bench, parse_args(argv))
 
 
 if __name__ == "__main__":

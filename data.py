@@ -2,7 +2,8 @@
 Datasets by name. Every dataset yields (image, label): image a float tensor (C, H, W) with
 pixels in [-1, 1], label an int (0 where the dataset has none). `num_classes` is 0 for a
 dataset without labels; `hflip` says whether training should flip images at random
-(done on the batch, in train.py, by `random_hflip`).
+(done on the batch, in train.py, by `random_hflip`). `batches` serves a training set in
+the seeded order that a resumed run takes up again.
 """
 import os
 import pickle
@@ -11,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets as tv
 from torchvision import transforms as T
 
@@ -191,3 +192,28 @@ def random_hflip(x):
     """Flip each image of a batch left-right with probability 1/2 (uses the global RNG)."""
     flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
     return torch.where(flip, x.flip(3), x)
+
+
+def batches(dataset, batch_size, seed, rank, world, step, device, workers=None):
+    """Endless batches for this DDP rank, on `device`, in an order fixed by (seed, epoch):
+    resuming at `step` goes on with the same images in the same order as a run that never
+    stopped. workers=None: 0 for in-memory datasets, else min(4, CPU cores)."""
+    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} images are too few for --batch-size {batch_size} "
+                         f"on {world} process(es)")
+    if workers is None:
+        workers = 0 if isinstance(dataset, ArrayDataset) else min(4, os.cpu_count() or 1)
+
+    def indices():  # every epoch's order, from `step` on, through one loader whose workers never stop
+        epoch, skip = divmod(step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            yield from list(sampler)[skip * batch_size:per_epoch * batch_size]
+            epoch, skip = epoch + 1, 0
+    loader = DataLoader(dataset, batch_size, sampler=indices(), num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))  # not the global RNG
+    for x, y in loader:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -12,11 +12,8 @@ Image i is drawn from seed + i alone, so the same seed gives the same images wha
 batch size, and a long export can be split or resumed with --first (torchrun splits it over
 its processes by itself).
 """
-import argparse
 import math
 import os
-import re
-import signal
 import sys
 import zipfile
 
@@ -27,9 +24,9 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+import common
 from diffusion import Diffusion
 from model import load_checkpoint, model_from_checkpoint
-from train import Formatter, Parser, setup, wait_for_all, writable
 
 CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
 METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
@@ -50,42 +47,15 @@ BATCH_SIZE = 64  # images per batch when exporting
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
 
-HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
-
-
 def parse_args(argv=None):
     """A flag per constant above (--png-dir for PNG_DIR), its comment as the help."""
-    p = Parser(description=__doc__, formatter_class=Formatter)
-
-    def add(name, **kwargs):
-        p.add_argument("--" + name.lower().replace("_", "-"), default=globals()[name], help=HELP[name], **kwargs)
-    add("CKPT")
-    add("METHOD", choices=("ddpm", "ddim", "dpm"))
-    add("STEPS", type=int)
-    add("ETA", type=float)
-    add("EMA", action=argparse.BooleanOptionalAction)
-    add("NROW", type=int)
-    add("SEED", type=int)
-    add("LABEL")
-    add("GUIDANCE", type=float)
-    add("OUT")
-    add("GIF")
-    add("NUM_SAMPLES", type=int)
-    add("NPZ")
-    add("PNG_DIR")
-    add("FIRST", type=int)
-    add("BATCH_SIZE", type=int)
-    add("DEVICE")
+    p = common.add_flags(common.parser(__doc__), globals(), METHOD=dict(choices=("ddpm", "ddim", "dpm")),
+                         STEPS=dict(type=int), NUM_SAMPLES=dict(type=int))
     args = p.parse_args(argv)
-    for name in ("nrow", "batch_size") + (("num_samples",) if args.num_samples is not None else ()):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        p.error("--steps must be at least 1")
+    common.at_least(p, args, 1, "nrow", "batch_size", "num_samples", "steps")
+    common.at_least(p, args, 0, "first")
     if args.method == "ddpm" and args.steps is not None:
         p.error("--method ddpm always takes all T steps: use ddim or dpm for fewer")
-    if args.first < 0:
-        p.error("--first must be 0 or more")
     if (args.npz or args.png_dir or args.first) and args.num_samples is None:
         p.error("--npz, --png-dir and --first need --num-samples")
     if args.num_samples is not None and not (args.npz or args.png_dir):
@@ -159,7 +129,7 @@ def sample_grid(diffusion, model, args, label, device):
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"sample_{args.method}.png")
     for flag, path in (("--out", out), ("--gif", args.gif)):
         if path:
-            writable(path, flag)
+            common.writable(path, flag)
     total = args.steps or diffusion.default_steps(args.method)
     keep = set(np.linspace(0, total - 1, min(total, 80)).round().astype(int).tolist())  # ~80 GIF frames
     frames, bar = [], tqdm(total=total, desc=f"{args.method} x {n} images", file=sys.stderr)
@@ -188,13 +158,13 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
     begin = min(args.first + rank * share, args.first + args.num_samples)
     end = min(begin + share, args.first + args.num_samples)
     if args.png_dir:
-        writable(os.path.join(args.png_dir, f"{begin:06d}.png"), "--png-dir")
+        common.writable(os.path.join(args.png_dir, f"{begin:06d}.png"), "--png-dir")
     if args.npz:  # written batch by batch to a .npy on disk, then zipped: memory stays flat
         tmp = args.npz + ".tmp.npy"
         if rank == 0:
-            writable(args.npz, "--npz")
+            common.writable(args.npz, "--npz")
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.num_samples, *shape)).flush()
-        wait_for_all(world)
+        common.wait_for_all(world)
         array = np.lib.format.open_memmap(tmp, mode="r+")
     bar = tqdm(total=end - begin, desc="images", unit="img", file=sys.stderr, disable=rank > 0)
     done = begin
@@ -217,7 +187,7 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
         if args.npz:
             array.flush()
             del array
-            wait_for_all(world)
+            common.wait_for_all(world)
             if rank == 0:
                 with zipfile.ZipFile(args.npz, "w") as zf:
                     zf.write(tmp, "arr_0.npy")
@@ -236,39 +206,36 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
     return args.npz or args.png_dir
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # kill cleans up as Ctrl-C does
-    try:
-        ckpt = load_checkpoint(args.ckpt)
-        if not args.ema and "model" not in ckpt:
-            raise ValueError(f"{args.ckpt} holds only the EMA weights: drop --no-ema")
-        model = model_from_checkpoint(ckpt, ema=args.ema)
-        rank, world, device = setup(args)
-        if world > 1 and not args.num_samples:
-            raise ValueError("under torchrun, sample.py exports (--num-samples with --npz or "
-                             "--png-dir); a grid takes one process")
-        model = model.to(device).eval()
-        d = ckpt["diffusion"]
-        diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
-        args.image_size = ckpt["args"]["image_size"]
-        classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
-        label = parse_label(args.label, classes)
-        if args.steps is not None and args.steps > diffusion.T:
-            raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
-        if args.num_samples:
-            path = export(diffusion, model, args, label, device, rank, world)
-        else:
-            path = sample_grid(diffusion, model, args, label, device)
-    except (ValueError, OSError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
-    except KeyboardInterrupt:
-        sys.exit(130)
+def sample(args):
+    ckpt = load_checkpoint(args.ckpt)
+    if not args.ema and "model" not in ckpt:
+        raise ValueError(f"{args.ckpt} holds only the EMA weights: drop --no-ema")
+    model = model_from_checkpoint(ckpt, ema=args.ema)
+    rank, world, device = common.setup(args.device)
+    if world > 1 and not args.num_samples:
+        raise ValueError("under torchrun, sample.py exports (--num-samples with --npz or "
+                         "--png-dir); a grid takes one process")
+    model = model.to(device).eval()
+    d = ckpt["diffusion"]
+    diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
+    args.image_size = ckpt["args"]["image_size"]
+    classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
+    label = parse_label(args.label, classes)
+    if args.steps is not None and args.steps > diffusion.T:
+        raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    if args.num_samples:
+        path = export(diffusion, model, args, label, device, rank, world)
+    else:
+        path = sample_grid(diffusion, model, args, label, device)
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank == 0:
         print(path)
     return path
+
+
+def main(argv=None):
+    return common.run(sample, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
 import sample
 import train
@@ -453,8 +454,7 @@ class PidDataset(torch.utils.data.Dataset):
 
 def test_batches_go_on_epoch_after_epoch_through_the_same_workers():
     # 10 items / batch 4: 2 batches per epoch; from step 1, epoch 0's second batch, then epochs 1 and 2
-    args = train.parse_args(["--batch-size", "4", "--workers", "2", "--seed", "3"])
-    stream = train.batches(PidDataset(), args, 0, 1, 1, torch.device("cpu"))
+    stream = data.batches(PidDataset(), 4, 3, 0, 1, 1, torch.device("cpu"), workers=2)
     got = [next(stream) for _ in range(5)]
     stream.close()
     sampler = torch.utils.data.DistributedSampler(PidDataset(), 1, 0, shuffle=True, seed=3, drop_last=True)
@@ -710,13 +710,13 @@ def test_one_gpu_for_all_torchrun_processes_is_one_line(capsys, monkeypatch):
 def test_a_gpu_is_named_by_its_index(monkeypatch):
     """torch.cuda.set_device refuses a bare "cuda": setup() picks GPU 0, or LOCAL_RANK's under torchrun.
     Two GPUs are pretended through the project's own seams; nothing of torch's is patched."""
-    monkeypatch.setattr(train, "gpus", lambda: 2)
-    monkeypatch.setattr(train, "use_gpu", lambda device: chosen.append(device))
+    monkeypatch.setattr(common, "gpus", lambda: 2)
+    monkeypatch.setattr(common, "use_gpu", lambda device: chosen.append(device))
     for local_rank, device, expected in ((None, "auto", "cuda:0"), (None, "cuda", "cuda:0"), ("1", "cuda", "cuda:1")):
         if local_rank:
             monkeypatch.setenv("LOCAL_RANK", local_rank)
         chosen = []
-        assert train.setup(train.parse_args(["--device", device]))[2] == torch.device(expected)
+        assert common.setup(device)[2] == torch.device(expected)
         assert chosen == [torch.device(expected)]
 
 
@@ -938,16 +938,17 @@ def test_killed_export_leaves_no_temporary_file(tmp_path, trained):
 
 
 def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
-    # the first step stalls for 2 s, as compiling does on a GPU: only the first line's speed may show it
+    # the first step stalls for 4 s, as compiling does on a GPU: only the first line's speed may show it
+    # (since the start, even the 4th line would read at most 32 images / 4 s = 8 img/s)
     real_step, calls = train.train_step, []
     def stalling_step(*args):
         calls.append(1)
-        time.sleep(2 if len(calls) == 1 else 0)
+        time.sleep(4 if len(calls) == 1 else 0)
         return real_step(*args)
     monkeypatch.setattr(train, "train_step", stalling_step)
     train.main(["--out-dir", str(tmp_path), "--max-steps", "4", "--sample-every", "1000", *TINY])
     speeds = [float(s) for s in re.findall(r"([\d.]+) img/s", capsys.readouterr().out)]  # batch 8, 1 step a line
-    assert len(speeds) == 4 and speeds[0] <= 4 and min(speeds[1:]) > 20  # 8 images: over 2 s, then under 0.4 s
+    assert len(speeds) == 4 and speeds[0] <= 2 and min(speeds[1:]) > 10  # 8 images: over 4 s, then under 0.8 s
 
 
 def test_checkpoint_is_saved_even_when_the_grid_fails(tmp_path, monkeypatch):
@@ -992,10 +993,10 @@ def test_bench_prints_its_figures(capsys):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 def test_freed_activations_are_kept_not_faulted_in_again():
     # a "step" that allocates and frees 2 x 40 MB: by default glibc maps blocks that large
-    # afresh each time, and every page faults in again; after train.setup's tuning it does not
+    # afresh each time, and every page faults in again; after common.setup's tuning it does not
     script = (
         f"import resource, sys; sys.path.insert(0, {REPO!r})\n"
-        "import torch, train\n"
+        "import torch, common, train  # the modules, and so the heap, of a training process\n"
         "def faults_per_step():\n"
         "    step = lambda: [torch.ones(10 * 2**20) for _ in range(2)]\n"
         "    step()\n"
@@ -1004,7 +1005,7 @@ def test_freed_activations_are_kept_not_faulted_in_again():
         "        step()\n"
         "    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5\n"
         "default = faults_per_step()\n"
-        "train.keep_freed_memory()\n"
+        "common.keep_freed_memory()\n"
         "print(default, faults_per_step())\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

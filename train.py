@@ -11,24 +11,22 @@ Writes out/ckpt.pt (everything needed to resume or sample), out/samples/step_*.p
 fixed-seed EMA grid) and, at the end, out/ema_fp16.pt (EMA weights alone, for sampling).
 """
 import argparse
+import collections
 import copy
-import ctypes
 import math
 import os
-import re
 import shutil
-import signal
 import sys
 import time
-import warnings
+import types
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import save_image
 
-from data import DATASETS, ArrayDataset, load_dataset, random_hflip
+import common
+from data import DATASETS, batches, load_dataset, random_hflip
 from diffusion import Diffusion
 from model import UNet, UNetConfig, check_image_size, config_dict, load_checkpoint
 
@@ -97,109 +95,42 @@ MODEL_ARGS = ("channels", "attention", "num_res", "neck_length", "time_emb_dim",
               "image_size", "class_cond", "timesteps", "schedule", "objective")
 
 
-HELP = dict(re.findall(r"^([A-Z_]+) = .*?  # (.*)$", open(__file__).read(), re.M))  # the comments above
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass  # the docstring's commands as written, and every flag's default
-
-
-def ints(text):
-    return tuple(int(v) for v in text.split(","))
-
-
-def bools(text):
-    values = ints(text)
-    if not set(values) <= {0, 1}:
-        raise argparse.ArgumentTypeError(f"use 0 or 1 per level, e.g. 0,0,1, not {text}")
-    return tuple(bool(v) for v in values)
-
-
-def build_parser(default=None):
+def build_parser(defaults):
     """A flag per constant above (--data-dir for DATA_DIR), its comment as the help."""
-    value = lambda v: ",".join(str(int(x)) for x in v) if isinstance(v, tuple) else v  # as typed
-    presets = "\n".join(f"  {name}: " + " ".join(f"{k}={value(v)}" for k, v in preset.items())
-                        for name, preset in PRESETS.items())
-    p = Parser(description=__doc__, formatter_class=Formatter,
-               epilog=f"--dataset picks a preset, which replaces the defaults above:\n{presets}")
-
-    def add(name, **kwargs):
-        p.add_argument("--" + name.lower().replace("_", "-"), default=default or globals()[name],
-                       help=HELP[name], **kwargs)
-    flag = argparse.BooleanOptionalAction
-    add("DATASET", choices=tuple(DATASETS))
-    add("DATA_DIR")
-    add("IMAGE_SIZE", type=int)
-    add("CLASS_COND", action=flag)
-    add("LABEL_DROPOUT", type=float)
-    add("CHANNELS", type=ints)
-    add("ATTENTION", type=bools)
-    add("NUM_RES", type=int)
-    add("NECK_LENGTH", type=int)
-    add("TIME_EMB_DIM", type=int)
-    add("DROPOUT", type=float)
-    add("TIMESTEPS", type=int)
-    add("SCHEDULE", choices=("linear", "cosine"))
-    add("OBJECTIVE", choices=("eps", "v", "x0"))
-    add("LOSS", choices=("mse", "l1"))
-    add("MIN_SNR", type=float)
-    add("BATCH_SIZE", type=int)
-    add("LR", type=float)
-    add("WARMUP_STEPS", type=int)
-    add("LR_DECAY", action=flag)
-    add("WEIGHT_DECAY", type=float)
-    add("GRAD_CLIP", type=float)
-    add("MAX_STEPS", type=int)
-    add("EMA_DECAY", type=float)
-    add("MAX_BAD_STEPS", type=int)
-    add("DEVICE")
-    add("DTYPE", choices=("auto", "float32", "bfloat16", "float16"))
-    add("COMPILE", dest="use_compile", action=flag)
-    add("WORKERS", type=int)
-    add("SEED", type=int)
-    add("OUT_DIR")
-    add("LOG_EVERY", type=int)
-    add("SAMPLE_EVERY", type=int)
-    add("SAMPLE_STEPS", type=int)
-    add("SAVE_EVERY", type=int)
-    add("RESUME", action=flag)
-    return p
+    as_flags = lambda preset: " ".join(f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else
+                                       f"--{k} {common.as_typed(v)}" for k, v in preset.items()).replace("_", "-")
+    presets = "\n".join(f"  {name}: {as_flags(preset)}" for name, preset in PRESETS.items())
+    p = common.parser(__doc__, f"--dataset picks a preset, which sets these (the defaults above are "
+                               f"those of --dataset {defaults['DATASET']}):\n{presets}")
+    return common.add_flags(
+        p, globals(), defaults, DATASET=dict(choices=tuple(DATASETS)), IMAGE_SIZE=dict(type=int),
+        SCHEDULE=dict(choices=("linear", "cosine")), OBJECTIVE=dict(choices=("eps", "v", "x0")),
+        LOSS=dict(choices=("mse", "l1")), DTYPE=dict(choices=("auto", "float32", "bfloat16", "float16")),
+        COMPILE=dict(dest="use_compile", action=argparse.BooleanOptionalAction), WORKERS=dict(type=int))
 
 
 def parse_args(argv=None):
     """The constants above, then the dataset's preset, then the flags given."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    explicit = vars(build_parser(argparse.SUPPRESS).parse_args(argv))
-    parser.set_defaults(**PRESETS[args.dataset])
-    args = parser.parse_args(argv)
-    args.explicit = sorted(explicit)
-    for name in ("batch_size", "max_steps", "log_every", "sample_every", "save_every", "sample_steps",
-                 "max_bad_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup_steps", "weight_decay", "min_snr", "workers"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
-    if not args.lr > 0:
-        parser.error("--lr must be above 0")
-    if args.image_size is not None and args.image_size < 1:
-        parser.error("--image-size must be at least 1")
-    if not args.grad_clip > 0:
-        parser.error("--grad-clip must be above 0")
-    if args.data_dir and args.dataset == "mnist5k":
-        parser.error("--data-dir has no use with the embedded mnist5k: for a folder of images, "
-                     "add --dataset folder")
-    if "sample_steps" not in explicit:  # the default 50 grid steps, for a small --timesteps
-        args.sample_steps = min(args.sample_steps, max(1, args.timesteps))
+    peek = common.Parser(add_help=False)
+    peek.add_argument("--dataset", default=DATASET)
+    dataset = peek.parse_known_args(argv)[0].dataset
+    preset = {k.upper(): v for k, v in PRESETS.get(dataset, {}).items()}
+    p = build_parser({**globals(), "DATASET": dataset, **preset})
+    args = p.parse_args(argv)
+    args.explicit = sorted(vars(build_parser(collections.defaultdict(lambda: argparse.SUPPRESS)).parse_args(argv)))
+    common.at_least(p, args, 1, "batch_size", "max_steps", "log_every", "sample_every", "save_every",
+                    "sample_steps", "max_bad_steps", "image_size")
+    common.at_least(p, args, 0, "warmup_steps", "weight_decay", "min_snr", "workers")
+    for name in ("lr", "grad_clip"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be above 0")
     for name in ("label_dropout", "dropout", "ema_decay"):
         if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0 and below 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 0 and below 1")
+    if args.data_dir and args.dataset == "mnist5k":
+        p.error("--data-dir has no use with the embedded mnist5k: for a folder of images, add --dataset folder")
+    if "sample_steps" not in args.explicit:  # the default 50 grid steps, for a small --timesteps
+        args.sample_steps = min(args.sample_steps, max(1, args.timesteps))
     return args
 
 
@@ -220,61 +151,7 @@ def list_or_value(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def keep_freed_memory():
-    """glibc hands freed blocks over 128 KB back to the OS, and the next step's activations fault
-    them in again page by page (~35k page faults per mnist5k training step). Keeping them makes
-    CPU training ~10% and sampling ~20% faster, for ~15% more peak memory. Linux (glibc) only."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # macOS, Windows, musl: their allocators are left as they are
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap,
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: which keeps up to 1 GiB of freed memory
-
-
-def gpus():
-    """How many CUDA GPUs this process can use (the seam tests patch to pretend there are some)."""
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def use_gpu(device):
-    """Make `device` (cuda:N) this process's GPU, with TF32 matmuls and convolutions (Ampere and later)."""
-    torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def setup(args):
-    """(rank, world size, device); starts the process group under torchrun."""
-    keep_freed_memory()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if device == "auto":
-        device = "cuda" if gpus() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device.startswith("cuda:") and world > 1:
-        raise ValueError(f"--device {device} would put every torchrun process on one GPU: give "
-                         "--device cuda (or auto), and each process takes the GPU of its LOCAL_RANK")
-    if device == "cuda":  # a GPU by index, as set_device needs: under torchrun, the LOCAL_RANK-th
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if (device.type == "cuda" and device.index >= gpus()
-            or device.type == "mps" and not torch.backends.mps.is_available()):
-        raise ValueError(f"--device {device}: this machine has no such device (--device auto picks one)")
-    if device.type == "cuda":
-        use_gpu(device)
-    if world > 1:  # NCCL takes CUDA tensors only: the CPU stop flag goes through gloo
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def wait_for_all(world):
-    """Every process gets here before any goes on (a CPU all-reduce: gloo, also beside NCCL)."""
-    if world > 1:
-        dist.all_reduce(torch.zeros(1))
-
+# ---------------------------------------------------------------- training helpers
 
 def amp_dtype(args, device):
     """The autocast dtype, or None for plain fp32."""
@@ -296,30 +173,6 @@ def make_optimizer(model, args, device, dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     return optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def batches(dataset, args, rank, world, step, device):
-    """Endless batches, in an order fixed by (seed, epoch): resuming at `step` goes on with the
-    same images in the same order as a run that never stopped."""
-    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    per_epoch = len(sampler) // args.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images are too few for --batch-size {args.batch_size} "
-                         f"on {world} process(es)")
-    workers = args.workers if args.workers is not None else 0 if isinstance(dataset, ArrayDataset) else \
-        min(4, os.cpu_count() or 1)
-
-    def indices():  # every epoch's order, from `step` on, through one loader whose workers never stop
-        epoch, skip = divmod(step, per_epoch)
-        while True:
-            sampler.set_epoch(epoch)
-            yield from list(sampler)[skip * args.batch_size:per_epoch * args.batch_size]
-            epoch, skip = epoch + 1, 0
-    loader = DataLoader(dataset, args.batch_size, sampler=indices(), num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed))  # not the global RNG
-    for x, y in loader:
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def learning_rate(step, args):
@@ -356,43 +209,6 @@ def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype):
     return loss.detach(), bad
 
 
-def save_checkpoint(state, path, keep_previous=True):
-    """Write atomically, keeping the last one as *.prev.pt: a crash at any moment of a save
-    leaves a complete ckpt.pt, and a bad checkpoint still has a predecessor."""
-    tmp, prev = path + ".tmp", path[:-3] + ".prev.pt"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # link (or copy) the last one to *.prev.pt first: ckpt.pt never goes missing
-        if keep_previous and os.path.exists(path):
-            if os.path.exists(prev + ".tmp"):
-                os.remove(prev + ".tmp")
-            try:
-                os.link(path, prev + ".tmp")
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(path, prev + ".tmp")
-            os.replace(prev + ".tmp", prev)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk shows up as either
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = (e.strerror or e) if isinstance(e, OSError) else f"{e}; is the disk full?"
-        intact = "; the previous checkpoint is intact" if keep_previous and os.path.exists(path) else ""
-        raise OSError(f"could not write {path} ({reason}){intact}") from None
-
-
-def writable(path, flag):
-    """Make the file's folder and try the file, before the work that will write it."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        open(path + ".tmp", "wb").close()
-        os.remove(path + ".tmp")
-    except OSError as e:
-        raise OSError(f"cannot write to {flag} {path}: {e.strerror}") from None
-
-
 def checkpoint(model, ema, optimizer, scaler, step, args, classes):
     """Everything a resume needs (and the class names, for sample.py --label): plain tensors,
     numbers, strings, lists and dicts only, so that it loads with torch.load(weights_only=True)."""
@@ -410,24 +226,31 @@ def checkpoint(model, ema, optimizer, scaler, step, args, classes):
     }
 
 
-class Interrupt:
-    """SIGINT / SIGTERM: finish the step, save, exit. A second Ctrl-C exits at once."""
+def ema_export(state):
+    """The EMA weights alone, in fp16, with what sample.py needs: a small file to sample from or share."""
+    return {"ema": {k: v.half() for k, v in state["ema"].items()},
+            **{k: state[k] for k in ("model_config", "diffusion", "args", "step", "classes")}}
 
-    def __init__(self):
-        self.signum, self.pid = None, os.getpid()
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a DataLoader worker, forked with this handler: the trainer acts
-            return
-        self.signum = signum
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again to quit now)",
-              file=sys.stderr, flush=True)
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def save_checkpoint(state, path, keep_previous=True):
+    """Write atomically, keeping the last one as *.prev.pt: a crash at any moment of a save
+    leaves a complete ckpt.pt, and a bad checkpoint still has a predecessor."""
+    prev = path[:-3] + ".prev.pt"
+    try:
+        with common.atomic_write(path, sync=True) as f:
+            torch.save(state, f)
+            if keep_previous and os.path.exists(path):  # the last one becomes *.prev.pt first:
+                if os.path.exists(prev + ".tmp"):         # ckpt.pt never goes missing
+                    os.remove(prev + ".tmp")
+                try:
+                    os.link(path, prev + ".tmp")
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(path, prev + ".tmp")
+                os.replace(prev + ".tmp", prev)
+    except (OSError, RuntimeError) as e:  # torch.save raises either when the disk fills up
+        reason = str(e) if isinstance(e, OSError) else f"could not write {path} ({e}; is the disk full?)"
+        intact = "; the previous checkpoint is intact" if keep_previous and os.path.exists(path) else ""
+        raise OSError(reason + intact) from None
 
 
 def save_grid(ema, diffusion, args, num_classes, path, device):
@@ -438,104 +261,123 @@ def save_grid(ema, diffusion, args, num_classes, path, device):
     # eta=1 (stochastic steps): early in training they give cleaner strokes than eta=0
     x = diffusion.ddim_sample(ema, shape, args.sample_steps, eta=1.0, y=y,
                               generator=torch.Generator().manual_seed(args.seed))
-    save_image((x + 1) / 2, path, nrow=int(math.sqrt(n)) if num_classes == 0 else 10)
+    with common.atomic_write(path) as f:
+        save_image((x + 1) / 2, f, format="png", nrow=int(math.sqrt(n)) if num_classes == 0 else 10)
 
 
-def train(args):
+# ---------------------------------------------------------------- the run
+
+def resume(args, ckpt_path):
+    """(args, checkpoint): with --resume the checkpoint and its settings, else (args, None)."""
+    if not args.resume:
+        if os.path.exists(ckpt_path):  # a forgotten --resume would overwrite it
+            raise ValueError(f"{ckpt_path} exists: add --resume to continue that run, or give another "
+                             "--out-dir (or delete that one) to start over")
+        return args, None
+    ckpt = load_checkpoint(ckpt_path)
+    if not {"model", "optimizer", "args"} <= ckpt.keys():
+        raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): it cannot resume training")
+    args = resume_args(args, ckpt)
+    if ckpt.get("step", 0) >= args.max_steps:
+        raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, and --max-steps is {args.max_steps}: "
+                         "nothing to train; give a larger --max-steps")
+    return args, ckpt
+
+
+def load_state(ckpt, path, run):
+    """Put a checkpoint's weights, optimizer, scaler and RNG states into `run`; returns its step."""
+    now = config_dict(run.model.config)
+    if now != ckpt["model_config"]:
+        changed = [f"{k} {v} there, {now.get(k)} here" for k, v in ckpt["model_config"].items() if now.get(k) != v]
+        raise ValueError(f"{path} was trained on other data ({', '.join(changed)}): "
+                         "resume with the --dataset and --data-dir it was trained on")
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.ema.load_state_dict(ckpt["ema"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty unless the run that saved it used fp16
+            run.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if run.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], run.device)
+        step = ckpt["step"]
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # e.g. another version's checkpoint
+        raise ValueError(f"{path} does not fit this train.py ({str(e).splitlines()[0]})") from None
+    if run.world > 1:  # only rank 0's RNG state was saved: give each rank its own noise again
+        torch.manual_seed(run.args.seed + run.rank + 1_000_003 * step)
+    return step
+
+
+def setup_run(args):
+    """Everything the loop needs, new or from --resume's checkpoint, in one namespace."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = None
-    if not args.resume and os.path.exists(ckpt_path):  # a forgotten --resume would overwrite it
-        raise ValueError(f"{ckpt_path} exists: add --resume to continue that run, or give another "
-                         "--out-dir (or delete that one) to start over")
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if not {"model", "optimizer", "args"} <= ckpt.keys():
-            raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): "
-                             "it cannot resume training")
-        args = resume_args(args, ckpt)
-        if ckpt.get("step", 0) >= args.max_steps:
-            raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, and --max-steps is {args.max_steps}: "
-                             "nothing to train; give a larger --max-steps")
+    args, ckpt = resume(args, ckpt_path)
     if args.sample_steps > args.timesteps:
         raise ValueError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
-    rank, world, device = setup(args)
-    master = rank == 0
-    if master:  # a bad --out-dir fails now, not at the first grid or save
-        writable(os.path.join(args.out_dir, "samples", "step.png"), "--out-dir")
-        writable(ckpt_path, "--out-dir")
-
-    if not master:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
-        wait_for_all(world)
+    rank, world, device = common.setup(args.device)
+    if rank == 0:  # a bad --out-dir fails now, not at the first grid or save
+        common.writable(os.path.join(args.out_dir, "samples", "step.png"), "--out-dir")
+        common.writable(ckpt_path, "--out-dir")
+    if rank > 0:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
+        common.wait_for_all(world)
     dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.class_cond)
-    if master:
-        wait_for_all(world)
+    if rank == 0:
+        common.wait_for_all(world)
     args.image_size = dataset.image_size
     if args.class_cond and dataset.num_classes == 0:
         raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")
     classes = dataset.classes if args.class_cond else []
     config = unet_config(args, dataset.channels, len(classes))
     check_image_size(args.image_size, config)
-    now = config_dict(config)
-    if ckpt is not None and now != ckpt["model_config"]:
-        changed = [f"{k} {v} there, {now.get(k)} here" for k, v in ckpt["model_config"].items() if now.get(k) != v]
-        raise ValueError(f"{ckpt_path} was trained on other data ({', '.join(changed)}): "
-                         "resume with the --dataset and --data-dir it was trained on")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = UNet(config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device)
     dtype = amp_dtype(args, device)
     optimizer, scaler = make_optimizer(model, args, device, dtype)
-    step = 0
+    run = types.SimpleNamespace(args=args, rank=rank, world=world, device=device, dtype=dtype, dataset=dataset,
+                                classes=classes, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
+                                diffusion=Diffusion(args.timesteps, args.schedule, args.objective, device),
+                                ckpt_path=ckpt_path, step=0)
     torch.manual_seed(args.seed + rank)  # different noise on every rank
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt["scaler"]:  # empty unless the run that saved it used fp16
-                scaler.load_state_dict(ckpt["scaler"])
-            step = ckpt["step"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"]["cuda"]:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:  # e.g. another version's checkpoint
-            raise ValueError(f"{ckpt_path} does not fit this train.py ({str(e).splitlines()[0]})") from None
-        if world > 1:  # only rank 0's RNG state was saved: give each rank its own noise again
-            torch.manual_seed(args.seed + rank + 1_000_003 * step)
-        del ckpt
-    net = model  # what the loop calls: compiled and DDP-wrapped; `model` stays the raw module
+        run.step = load_state(ckpt, ckpt_path, run)
+    run.net = model  # what the loop calls: compiled and DDP-wrapped; `model` stays the raw module
     if args.use_compile or (args.use_compile is None and device.type == "cuda"):
-        net = torch.compile(net)
+        run.net = torch.compile(run.net)
     if world > 1:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if master:
+        run.net = DDP(run.net, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
         print(f"{args.dataset} ({len(dataset)} images, {args.image_size} px) | UNet with "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device}, "
-              f"{world} process(es), {dtype or torch.float32} | steps {step} -> {args.max_steps}")
+              f"{world} process(es), {dtype or torch.float32} | steps {run.step} -> {args.max_steps}")
+    return run
 
+
+def train(args):
+    run = setup_run(args)
+    args, step, model, ema = run.args, run.step, run.model, run.ema
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    data = batches(dataset, args, rank, world, step, device)
-    interrupt, stop, bad_steps, loss_sum, last_log, t0 = Interrupt(), 0, 0, 0.0, step, time.time()
+    data = batches(run.dataset, args.batch_size, args.seed, run.rank, run.world, step, run.device, args.workers)
+    interrupt, stop, bad_steps, loss_sum, last_log, t0 = common.Interrupt(), 0, 0, 0.0, step, time.time()
     t_log = t0
     try:
         while step < args.max_steps:
             if not bad_steps:  # after a skipped update the batch is tried again (new noise, new t):
                 batch = next(data)  # step i always trains on batch i, as a resumed run expects
             x, y = batch
-            if dataset.hflip:
+            if run.dataset.hflip:
                 x = random_hflip(x)
             if args.class_cond:  # drop labels so the model also learns p(x) (Ho & Salimans 2022)
-                y = torch.where(torch.rand(y.shape, device=device) < args.label_dropout, config.num_classes, y)
-            for group in optimizer.param_groups:
+                y = torch.where(torch.rand(y.shape, device=x.device) < args.label_dropout, len(run.classes), y)
+            for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-            loss, bad = train_step(net, diffusion, optimizer, scaler, params, x, y if args.class_cond else None,
-                                   args, dtype)
+            loss, bad = train_step(run.net, run.diffusion, run.optimizer, run.scaler, params, x,
+                                   y if args.class_cond else None, args, run.dtype)
             # every rank must skip, and stop, at the same step: one flag each, the max over ranks
             # (in fp16 the scaler takes an inf gradient for an overflow: only the rank with the
             # bad loss knows the step was bad)
             flags = torch.tensor([bad, interrupt.signum or 0])
-            if world > 1:
+            if run.world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             bad, stop = flags.tolist()
             if bad:
@@ -551,7 +393,7 @@ def train(args):
             step += 1
             loss_sum += loss
 
-            if not master:
+            if run.rank > 0:  # only rank 0 logs, saves and samples
                 if stop:
                     break
                 continue
@@ -559,42 +401,34 @@ def train(args):
                 now = time.time()  # speed since the last line: a slow first step (compiling) drops out
                 elapsed, rate, t_log = now - t0, (step - last_log) / (now - t_log), now
                 print(f"step {step}/{args.max_steps} | loss {loss_sum.item() / (step - last_log):.4f} | "
-                      f"lr {learning_rate(step - 1, args):.2e} | {rate * args.batch_size * world:.1f} img/s | "
+                      f"lr {learning_rate(step - 1, args):.2e} | {rate * args.batch_size * run.world:.1f} img/s | "
                       f"{elapsed / 60:.1f} min | ETA {(args.max_steps - step) / rate / 60:.1f} min", flush=True)
                 loss_sum, last_log = 0.0, step
             if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
-                save_checkpoint(checkpoint(model, ema, optimizer, scaler, step, args, classes), ckpt_path)
+                save_checkpoint(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes),
+                                run.ckpt_path)
             if step % args.sample_every == 0 or step == args.max_steps:
-                save_grid(ema, diffusion, args, config.num_classes,
-                          os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"), device)
+                save_grid(ema, run.diffusion, args, len(run.classes),
+                          os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"), run.device)
             if stop:
-                print(f"saved {ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
+                print(f"saved {run.ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
                 break
     finally:
         interrupt.restore()
-        if world > 1:
+        if run.world > 1:
             dist.destroy_process_group()
     if stop:  # a signal to any rank stops them all, and none of them claims to be done
         sys.exit(128 + stop)
-    if master:  # the EMA weights alone, in fp16: a small file to sample from or share
-        state = checkpoint(model, ema, optimizer, scaler, step, args, classes)
+    if run.rank == 0:
         export = os.path.join(args.out_dir, "ema_fp16.pt")
-        save_checkpoint({"ema": {k: v.half() for k, v in state["ema"].items()},
-                         **{k: state[k] for k in ("model_config", "diffusion", "args", "step", "classes")}},
+        save_checkpoint(ema_export(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes)),
                         export, keep_previous=False)
-        print(f"done: {ckpt_path}, {export}")
+        print(f"done: {run.ckpt_path}, {export}")
     return model, ema
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"  # one line each
-    try:
-        return train(args)
-    except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message
-    except KeyboardInterrupt:  # before the loop takes over Ctrl-C: nothing to save yet
-        sys.exit(130)
+    return common.run(train, parse_args(argv), errors=(ValueError, OSError, FloatingPointError))
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ device and torchrun setup, and output files that appear whole or not at all.
 import argparse
 import contextlib
 import ctypes
+import errno
+import math
 import os
 import re
+import shutil
 import signal
 import sys
 import warnings
+import zipfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -158,6 +163,16 @@ def setup(name):
     return rank, world, device
 
 
+def gather(batch, counts, batch_size):
+    """On rank 0, every process's batch (counts[k] images from rank k) in rank order; None on
+    the others. Through gloo, as the tensors are on the CPU."""
+    padded = batch.new_zeros(batch_size, *batch.shape[1:])  # gather takes tensors of one shape
+    padded[:len(batch)] = batch
+    parts = [torch.empty_like(padded) for _ in counts] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0)
+    return None if parts is None else torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
 def wait_for_all(world):
     """Every process gets here before any goes on (a CPU all-reduce: gloo, also beside NCCL)."""
     if world > 1:
@@ -191,8 +206,35 @@ def atomic_write(path, sync=False):
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never made, or its folder is not there
             os.remove(tmp)
         if isinstance(e, OSError):
             raise OSError(f"could not write {path} ({e.strerror or e})") from None
         raise
+
+
+@contextlib.contextmanager
+def npz_writer(path, shape):
+    """A stream for uint8 arrays of `shape` (N, ...) in total, into path's arr_0 (the ADM
+    evaluation suite's format) as they come: memory stays flat, the disk space is reserved at
+    the start, and `path` appears only once all of it is in."""
+    with atomic_write(path) as f:
+        reserve(f, math.prod(shape) + 4096)  # + the .npy and zip headers
+        with zipfile.ZipFile(f, "w") as zf, zf.open("arr_0.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            yield member
+        f.truncate()  # to what was written, less than what was reserved
+
+
+def reserve(f, size):
+    """Allocate `size` bytes on the disk for the open file f now, so that a full disk fails at
+    the start, in one line, not hours into the work (Linux; elsewhere it fails at the write)."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except AttributeError:  # macOS, Windows
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return  # a filesystem that cannot reserve: a full disk fails at the write instead
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(f.name))).free
+        raise OSError(e.errno, f"it needs {size / 1e6:.1f} MB, and {free / 1e6:.1f} MB are free") from None

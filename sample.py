@@ -12,10 +12,10 @@ Image i is drawn from seed + i alone, so the same seed gives the same images wha
 batch size, and a long export can be split or resumed with --first (torchrun splits it over
 its processes by itself).
 """
+import contextlib
 import math
 import os
 import sys
-import zipfile
 
 import numpy as np
 import torch
@@ -102,7 +102,9 @@ def to_uint8(x):
 
 
 def to_pil_grid(x, nrow):
-    return Image.fromarray(make_grid(to_uint8(x).permute(0, 3, 1, 2), nrow=nrow, padding=2).permute(1, 2, 0).numpy().squeeze())
+    """[-1, 1] NCHW floats -> one image of them, nrow to a row, 2 px apart."""
+    grid = make_grid(to_uint8(x).permute(0, 3, 1, 2), nrow=nrow, padding=2)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze())
 
 
 def generate(diffusion, model, args, indices, labels, callback=None):
@@ -112,6 +114,24 @@ def generate(diffusion, model, args, indices, labels, callback=None):
     generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
     return diffusion.sample(model, shape, args.method, args.steps, args.eta, generator=generators,
                             y=labels, guidance=args.guidance, callback=callback)
+
+
+def images(diffusion, model, args, indices, label, device):
+    """Images indices[0..] as uint8 NHWC on the CPU, with `label` (None, "all" or a class)."""
+    c = model.config
+    if not indices:
+        return torch.empty(0, args.image_size, args.image_size, c.in_channels, dtype=torch.uint8)
+    labels = None if label is None else torch.tensor(
+        [i % c.num_classes if label == "all" else label for i in indices], device=device)
+    return to_uint8(generate(diffusion, model, args, indices, labels))
+
+
+def rounds(first, num_samples, batch_size, world):
+    """Image indices first.. in rounds of one batch per process: [range for rank 0, rank 1, ...]."""
+    end = first + num_samples
+    for start in range(first, end, batch_size * world):
+        yield [range(min(i, end), min(i + batch_size, end))
+               for i in range(start, start + batch_size * world, batch_size)]
 
 
 def sample_grid(diffusion, model, args, label, device):
@@ -141,68 +161,53 @@ def sample_grid(diffusion, model, args, label, device):
 
     x = generate(diffusion, model, args, range(n), labels, callback)
     bar.close()
-    to_pil_grid(x, nrow).save(out)
+    with common.atomic_write(out) as f:
+        to_pil_grid(x, nrow).save(f, format=Image.registered_extensions()[os.path.splitext(out)[1].lower()])
     if args.gif:
         # about 3 s of denoising whatever the step count, then the last frame held for 2 s
         durations = [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000]
-        frames[0].save(args.gif, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        with common.atomic_write(args.gif) as f:
+            frames[0].save(f, format="gif", save_all=True, append_images=frames[1:], duration=durations, loop=0)
         print(args.gif)
     return out
 
 
 def export(diffusion, model, args, label, device, rank=0, world=1):
-    """--num-samples images from --first, in batches, to an .npz (arr_0, uint8 NHWC) and/or
-    PNGs. Under torchrun each process makes its share; image i is still drawn from seed + i."""
-    num_classes, shape = model.config.num_classes, (args.image_size, args.image_size, model.config.in_channels)
-    share = -(-args.num_samples // world)  # this process makes images begin..end-1
-    begin = min(args.first + rank * share, args.first + args.num_samples)
-    end = min(begin + share, args.first + args.num_samples)
-    if args.png_dir:
-        common.writable(os.path.join(args.png_dir, f"{begin:06d}.png"), "--png-dir")
-    if args.npz:  # written batch by batch to a .npy on disk, then zipped: memory stays flat
-        tmp = args.npz + ".tmp.npy"
-        if rank == 0:
-            common.writable(args.npz, "--npz")
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(args.num_samples, *shape)).flush()
-        common.wait_for_all(world)
-        array = np.lib.format.open_memmap(tmp, mode="r+")
-    bar = tqdm(total=end - begin, desc="images", unit="img", file=sys.stderr, disable=rank > 0)
-    done = begin
-    try:
-        for batch_start in range(begin, end, args.batch_size):
-            indices = list(range(batch_start, min(batch_start + args.batch_size, end)))
-            labels = None
-            if label is not None:
-                labels = torch.tensor([i % num_classes if label == "all" else label for i in indices],
-                                      device=device)
-            images = to_uint8(generate(diffusion, model, args, indices, labels)).numpy()
-            for i, image in zip(indices, images):
-                if args.png_dir:
-                    Image.fromarray(image.squeeze()).save(os.path.join(args.png_dir, f"{i:06d}.png"))
-            if args.npz:
-                array[indices[0] - args.first:indices[-1] + 1 - args.first] = images
-            bar.update(len(indices))
-            done = indices[-1] + 1
-        bar.close()
-        if args.npz:
-            array.flush()
-            del array
-            common.wait_for_all(world)
-            if rank == 0:
-                with zipfile.ZipFile(args.npz, "w") as zf:
-                    zf.write(tmp, "arr_0.npy")
-    except KeyboardInterrupt:  # say what there is to go on from
-        bar.close()
-        if world == 1 and args.png_dir and done > begin:
-            print(f"\ninterrupted: images {begin}..{done - 1} are in {args.png_dir}; go on with "
-                  f"--first {done} --num-samples {end - done}", file=sys.stderr)
-        elif world == 1 and args.npz:
-            print(f"\ninterrupted: {args.npz} is written only once all {end - begin} images are done",
-                  file=sys.stderr)
-        raise
-    finally:  # also on Ctrl-C, kill or a full disk: no half-written .npy left behind
-        if args.npz and rank == 0 and os.path.exists(tmp):
-            os.remove(tmp)
+    """--num-samples images from --first, a batch at a time, to an .npz and/or numbered PNGs.
+    Under torchrun the processes take the batches in turn and rank 0 gathers them into the npz;
+    image i is still drawn from seed + i."""
+    shape = (args.num_samples, args.image_size, args.image_size, model.config.in_channels)
+    for flag, path in (("--png-dir", args.png_dir and os.path.join(args.png_dir, f"{args.first:06d}.png")),
+                       ("--npz", rank == 0 and args.npz)):
+        if path:
+            common.writable(path, flag)
+    with contextlib.ExitStack() as files:
+        npz = files.enter_context(common.npz_writer(args.npz, shape)) if args.npz and rank == 0 else None
+        bar = files.enter_context(tqdm(total=args.num_samples, unit="img", file=sys.stderr, disable=rank > 0))
+        done = args.first  # with one process: the PNGs before this one are written
+        try:
+            for turn in rounds(args.first, args.num_samples, args.batch_size, world):
+                batch = images(diffusion, model, args, turn[rank], label, device)
+                for i, image in zip(turn[rank], batch if args.png_dir else []):
+                    with common.atomic_write(os.path.join(args.png_dir, f"{i:06d}.png")) as f:
+                        Image.fromarray(image.numpy().squeeze()).save(f, format="png")
+                    done = i + 1
+                if args.npz and world > 1:
+                    batch = common.gather(batch, [len(indices) for indices in turn], args.batch_size)
+                if npz:
+                    npz.write(batch.numpy().tobytes())
+                bar.update(sum(len(indices) for indices in turn))
+        except (OSError, KeyboardInterrupt) as e:  # say what there is to go on from
+            end = args.first + args.num_samples
+            go_on = (f"images {args.first}..{done - 1} are in {args.png_dir}; go on with --first {done} "
+                     f"--num-samples {end - done}") if world == 1 and done > args.first else None
+            if isinstance(e, OSError):
+                raise OSError("; ".join(filter(None, [str(e), go_on]))) from None
+            bar.close()
+            if go_on or (world == 1 and args.npz):
+                print(f"\ninterrupted: {go_on or f'{args.npz} is written only once all images are done'}",
+                      file=sys.stderr)
+            raise
     return args.npz or args.png_dir
 
 

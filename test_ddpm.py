@@ -929,12 +929,79 @@ def test_killed_export_leaves_no_temporary_file(tmp_path, trained):
     process = subprocess.Popen([sys.executable, SCRIPT["sample.py"], "--ckpt", str(trained / "ckpt.pt"), "--device", "cpu",
                                 "--steps", "2", "--num-samples", "100000", "--npz", str(npz)],
                                stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "x.npz.tmp.npy").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: (tmp_path / "x.npz.tmp").exists(), process)  # the npz is being written
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 143
     assert "Traceback" not in process.stderr.read() and os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """fill(free) leaves `free` bytes (or all there is) on a real 1 MB filesystem (a tmpfs), in
+    which the test writes; mounting one needs root, which CI has: elsewhere these tests are skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def fill(free):
+        (disk / "filler").unlink(missing_ok=True)
+        with open(disk / "filler", "wb") as f:
+            f.write(bytes(max(0, os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - free)))
+        return disk
+    try:
+        yield fill
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_npz_export_onto_a_full_disk_fails_at_the_start_in_one_line(capsys, trained, full_disk, monkeypatch):
+    disk = full_disk(100_000)  # 300 images of 28 x 28 x 1 need 0.24 MB
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: pytest.fail("sampled before the disk was full"))
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(trained / "ckpt.pt"), "--num-samples", "300",
+                                                   "--npz", str(disk / "s.npz")])
+    assert f"could not write {disk / 's.npz'} (it needs 0.2 MB, and 0.1 MB are free)" in message
+    assert os.listdir(disk) == ["filler"]
+
+
+def test_png_export_onto_a_full_disk_says_where_to_go_on(capsys, trained, full_disk):
+    disk = full_disk(5 * 4096)  # a tmpfs gives each file a 4 KB page: room for 5 PNGs
+    argv = ["--ckpt", str(trained / "ckpt.pt"), "--steps", "2", "--batch-size", "4", "--png-dir", str(disk / "png")]
+    message = one_line_error(capsys, sample.main, [*argv, "--first", "10", "--num-samples", "20"])
+    written = sorted(os.listdir(disk / "png"))
+    assert written == [f"{i:06d}.png" for i in range(10, 10 + len(written))] and 0 < len(written) < 20
+    done = 10 + len(written)
+    assert f"could not write {disk / 'png' / f'{done:06d}.png'} (No space left on device)" in message
+    assert f"images 10..{done - 1} are in {disk / 'png'}; go on with --first {done} --num-samples {30 - done}" in message
+    for name in written:
+        assert Image.open(disk / "png" / name).size == (28, 28)
+    full_disk(1 << 20)  # room again: the command it gave finishes the export
+    sample.main([*argv, "--first", str(done), "--num-samples", str(30 - done)])
+    assert sorted(os.listdir(disk / "png")) == [f"{i:06d}.png" for i in range(10, 30)]
+
+
+def test_grid_and_gif_onto_a_full_disk_leave_no_file(capsys, tmp_path, trained, full_disk):
+    disk = full_disk(0)
+    ckpt = ["--ckpt", str(trained / "ckpt.pt"), "--nrow", "2", "--steps", "2"]
+    message = one_line_error(capsys, sample.main, [*ckpt, "--out", str(disk / "grid.png")])
+    assert f"could not write {disk / 'grid.png'} (No space left on device)" in message
+    message = one_line_error(capsys, sample.main, [*ckpt, "--out", str(tmp_path / "grid.png"), "--gif",
+                                                   str(disk / "denoise.gif")])
+    assert f"could not write {disk / 'denoise.gif'} (No space left on device)" in message
+    assert os.listdir(disk) == ["filler"] and Image.open(tmp_path / "grid.png").size == (2 * 28 + 3 * 2,) * 2
+
+
+def test_a_corrupt_checkpoint_points_to_the_previous_one(capsys, tmp_path):
+    out = tmp_path / "run"
+    train.main(["--out-dir", str(out), "--max-steps", "2", "--save-every", "1", *TINY])
+    (out / "ckpt.pt").write_bytes((out / "ckpt.pt").read_bytes()[:5000])  # cut short
+    message = one_line_error(capsys, train.main, ["--out-dir", str(out), "--resume", "--max-steps", "3"])
+    assert f"{out / 'ckpt.pt'} is not a safe, readable checkpoint" in message
+    command = f"cp {out / 'ckpt.prev.pt'} {out / 'ckpt.pt'} && python train.py --resume --out-dir {out}"
+    assert f"{out / 'ckpt.prev.pt'} (step 1) is readable: resume from it with {command}" in message
+    subprocess.run(command.split(" && ")[0].split(), check=True)
+    train.main(["--out-dir", str(out), "--resume", "--max-steps", "3"])
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 3
 
 
 def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):

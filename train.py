@@ -274,7 +274,16 @@ def resume(args, ckpt_path):
             raise ValueError(f"{ckpt_path} exists: add --resume to continue that run, or give another "
                              "--out-dir (or delete that one) to start over")
         return args, None
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as e:  # a corrupt ckpt.pt: say whether the one before it can take over
+        prev = ckpt_path[:-3] + ".prev.pt"
+        try:
+            step = load_checkpoint(prev)["step"]
+        except (ValueError, OSError, KeyError):
+            raise e from None
+        raise ValueError(f"{e}; {prev} (step {step}) is readable: resume from it with "
+                         f"cp {prev} {ckpt_path} && python train.py --resume --out-dir {args.out_dir}") from None
     if not {"model", "optimizer", "args"} <= ckpt.keys():
         raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): it cannot resume training")
     args = resume_args(args, ckpt)

@@ -143,24 +143,42 @@ class ImageFolder(Dataset):
         raise ValueError(f"no readable images under {self.root!r}")
 
 
+def find_celeba(root):
+    """(img_align_celeba folder, partition file or None) under root, as torchvision unpacks it
+    (root/celeba/), as the official zip does (root/) or as Kaggle's copy does (nested twice)."""
+    for base in (root, os.path.join(root, "celeba")):
+        images = os.path.join(base, "img_align_celeba")
+        if os.path.isdir(os.path.join(images, "img_align_celeba")):  # Kaggle
+            images = os.path.join(images, "img_align_celeba")
+        if os.path.isdir(images):
+            partitions = [os.path.join(base, f"list_eval_partition.{ext}") for ext in ("txt", "csv")]
+            return images, next((p for p in partitions if os.path.exists(p)), None)
+    return None, None
+
+
 def celeba(data_dir, image_size=64):
-    """CelebA aligned faces: `img_align_celeba/*.jpg` under data_dir (the official zip and the
-    Kaggle copy both unpack to it); the official train split when list_eval_partition.txt is
-    there. Each 178x218 photo becomes its centre 178x178 square, resized."""
-    check_dir(data_dir, "CelebA folder", "give --data-dir, the folder that holds img_align_celeba/ "
-              "(download from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html or Kaggle)")
-    images = os.path.join(data_dir, "img_align_celeba")
-    if os.path.isdir(os.path.join(images, "img_align_celeba")):  # Kaggle nests it twice
-        images = os.path.join(images, "img_align_celeba")
-    check_dir(images, "img_align_celeba/", f"--data-dir {data_dir!r} must contain img_align_celeba/*.jpg")
+    """CelebA aligned faces: img_align_celeba/*.jpg in data_dir (default ./data) or in its
+    celeba/ folder, downloaded there by torchvision when missing; the official train split
+    when list_eval_partition.txt (or .csv) is beside it. Each 178x218 photo becomes its centre
+    178x178 square, resized."""
+    root = data_dir or "data"
+    images, partition = find_celeba(root)
+    if images is None:  # torchvision's download, into root/celeba/ (Google Drive often refuses it)
+        try:
+            tv.CelebA(root, split="train", download=True)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"no img_align_celeba/ in {root!r} or {os.path.join(root, 'celeba')!r}, and torchvision could not "
+                f"download CelebA ({e}): get img_align_celeba.zip and list_eval_partition.txt from "
+                "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or Kaggle's celeba-dataset), unpack them into "
+                "data/celeba/ (img_align_celeba/*.jpg beside list_eval_partition.txt), or give --data-dir, the "
+                "folder that holds img_align_celeba/") from None
+        images, partition = find_celeba(root)
     split = None
-    for partition in (os.path.join(data_dir, "list_eval_partition.txt"),
-                      os.path.join(data_dir, "list_eval_partition.csv")):
-        if os.path.exists(partition):
-            with open(partition) as f:
-                rows = [line.replace(",", " ").split() for line in f]
-            split = {row[0] for row in rows if len(row) == 2 and row[1] == "0"}
-            break
+    if partition:
+        with open(partition) as f:
+            rows = [line.replace(",", " ").split() for line in f]
+        split = {row[0] for row in rows if len(row) == 2 and row[1] == "0"}
     return ImageFolder(images, image_size, split=split)
 
 

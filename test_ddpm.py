@@ -315,6 +315,39 @@ def test_celeba_loader_uses_the_official_train_split(tmp_path):
     assert torch.equal(x, ds.load(str(tmp_path / "img_align_celeba" / "000001.jpg")))
 
 
+@pytest.mark.parametrize("images, partition", [
+    ("data/celeba/img_align_celeba", "data/celeba/list_eval_partition.txt"),  # torchvision's
+    ("data/img_align_celeba", None),  # the official zip, unpacked into data/
+    ("data/img_align_celeba/img_align_celeba", "data/list_eval_partition.csv"),  # Kaggle's
+])
+def test_celeba_is_found_under_data_as_typed(tmp_path, images, partition):
+    names = [f"{i:06d}.jpg" for i in range(1, 12)]
+    write_images(tmp_path / images, names)
+    if partition:  # the last image is in the test split
+        rows = [f"{n}{',' if partition.endswith('csv') else ' '}{2 if n == names[-1] else 0}\n" for n in names]
+        (tmp_path / partition).write_text(("image_id,partition\n" if partition.endswith("csv") else "") + "".join(rows))
+    argv = [*TINY, "--image-size", "16", "--max-steps", "1", "--sample-every", "100"]
+    train.main(["--dataset", "celeba", *argv])  # in the working folder, where data/ is
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 1
+    ds = data.load_dataset("celeba", image_size=16)
+    assert len(ds) == (10 if partition else 11) and ds.files[0] == os.path.join(images, names[0])
+    os.rename(tmp_path / "data", tmp_path / "elsewhere")  # the same layouts inside --data-dir
+    assert len(data.load_dataset("celeba", str(tmp_path / "elsewhere"), image_size=16)) == len(ds)
+
+
+def test_celeba_without_data_or_download_is_one_line(tmp_path):
+    no_network = {**os.environ, **{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                                                                     "https_proxy")}, "NO_PROXY": "", "no_proxy": ""}
+    result = subprocess.run([sys.executable, SCRIPT["train.py"], "--dataset", "celeba"], capture_output=True,
+                            text=True, timeout=120, env=no_network)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error: no img_align_celeba/ in 'data' or "
+                                                                 "'data/celeba', and torchvision could not download")
+    for expected in ("https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html", "Kaggle", "--data-dir"):
+        assert expected in message
+
+
 def test_folder_loader_labels_subfolders_and_skips_corrupt_images(tmp_path):
     write_images(tmp_path / "cats", ["a.png", "b.jpg"], (40, 30))
     write_images(tmp_path / "dogs" / "deep", ["c.png"], (20, 20))
@@ -645,7 +678,7 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--dataset", "celeba", "--data-dir", "/nonexistent/celeba"], "CelebA folder not found"),
+    (["--dataset", "celeba", "--data-dir", "/nonexistent/celeba"], "no img_align_celeba/ in '/nonexistent/celeba'"),
     (["--dataset", "folder"], "no --data-dir given: give --data-dir, a folder of images"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--dataset", "mnist5k", "--image-size", "26"], "must be 28, 30, 32"),

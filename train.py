@@ -3,7 +3,7 @@ Train a DDPM. Each preset sets the model and optimisation for a dataset; flags o
 
     python train.py                                   # 5000 embedded MNIST digits (~12 min on a CPU)
     python train.py --dataset cifar10                 # one GPU (downloads CIFAR-10 into ./data)
-    python train.py --dataset celeba --data-dir ~/celeba
+    python train.py --dataset celeba                  # from ./data/celeba/img_align_celeba/
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10   # DDP, 8 GPUs
     python train.py --resume                          # continue out/ckpt.pt
 
@@ -32,7 +32,7 @@ from model import UNet, UNetConfig, check_image_size, config_dict, load_checkpoi
 
 # data
 DATASET = "mnist5k"  # mnist5k | mnist | cifar10 | celeba | folder
-DATA_DIR = None  # celeba / folder: the images; mnist / cifar10: download folder (default ./data)
+DATA_DIR = None  # folder: the images; mnist, cifar10, celeba: where they are or download to (default ./data)
 IMAGE_SIZE = None  # None = the dataset's own (28 mnist, 32 cifar10, 64 celeba / folder)
 CLASS_COND = False  # condition on labels (mnist5k, mnist, cifar10, folder of class sub-folders)
 LABEL_DROPOUT = 0.1  # with CLASS_COND: how often a label becomes "no label" (for guidance)

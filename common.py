@@ -186,9 +186,11 @@ def writable(path, flag):
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(path + ".tmp", "wb").close()
-        os.remove(path + ".tmp")
     except OSError as e:
         raise OSError(f"cannot write to {flag} {path}: {e.strerror}") from None
+    finally:  # also when a signal ends the process here
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
 
 
 @contextlib.contextmanager

@@ -957,12 +957,20 @@ def test_interrupted_png_export_says_where_to_go_on(tmp_path, trained, monkeypat
     assert sorted(os.listdir(tmp_path)) == [f"{i:06d}.png" for i in range(1, 5)]
 
 
+def size_of(path):
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
 def test_killed_export_leaves_no_temporary_file(tmp_path, trained):
     npz = tmp_path / "x.npz"
     process = subprocess.Popen([sys.executable, SCRIPT["sample.py"], "--ckpt", str(trained / "ckpt.pt"), "--device", "cpu",
                                 "--steps", "2", "--num-samples", "100000", "--npz", str(npz)],
                                stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (tmp_path / "x.npz.tmp").exists(), process)  # the npz is being written
+    # the npz is being written: its space is reserved (writable()'s probe of the same name is empty)
+    wait_for(lambda: size_of(tmp_path / "x.npz.tmp") > 0, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 143
     assert "Traceback" not in process.stderr.read() and os.listdir(tmp_path) == []

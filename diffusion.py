@@ -105,7 +105,8 @@ class Diffusion:
         return {"eps": w / snr, "v": w / (snr + 1), "x0": w}[self.objective]
 
     def loss(self, model, x0, y=None, loss_type="mse", min_snr=0.0):
-        """Training loss, Ho et al. 2020 Algorithm 1: t uniform per image, MSE on the target."""
+        """Training loss, Ho et al. 2020 Algorithm 1: t uniform per image, MSE on the target.
+        Returns each image's loss (their mean is the loss to minimise) and the t it was drawn at."""
         t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
         eps = torch.randn_like(x0)
         out = model(self.q_sample(x0, t, eps), t, y)
@@ -113,7 +114,7 @@ class Diffusion:
         per_image = error(out.float(), self.target(x0, t, eps), reduction="none").mean(dim=(1, 2, 3))
         if min_snr > 0:
             per_image = per_image * self.loss_weight(t, min_snr)
-        return per_image.mean()
+        return per_image, t
 
     def predict(self, model, xt, t, y=None, guidance=1.0):
         """(x0, eps) at timestep t (an int), x0 clipped to [-1, 1] and eps re-derived from it.

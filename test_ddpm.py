@@ -1,9 +1,13 @@
 """Tests: CPU only, tiny shapes, fixed seeds. Run with `python -m pytest -q`."""
+import csv
+import glob
+import json
 import os
 import pickle
 import platform
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -440,7 +444,8 @@ def scale_losses(monkeypatch, factor):
 
     def loss(self, *args, **kwargs):
         calls.append(1)
-        return real_loss(self, *args, **kwargs) * factor(len(calls))
+        losses, t = real_loss(self, *args, **kwargs)
+        return losses * factor(len(calls)), t
     monkeypatch.setattr(train.Diffusion, "loss", loss)
     return calls
 
@@ -513,7 +518,8 @@ def torchrun_two_ranks(tmp_path, on_loss, argv, patch=""):
         f"on_loss = {on_loss}\n"
         "def loss(self, *args, **kwargs):\n"
         "    calls.append(1)\n"
-        "    return real_loss(self, *args, **kwargs) * on_loss(rank, len(calls))\n"
+        "    losses, t = real_loss(self, *args, **kwargs)\n"
+        "    return losses * on_loss(rank, len(calls)), t\n"
         "train.Diffusion.loss = loss\n"
         f"{patch}"
         "try:\n"
@@ -1057,6 +1063,75 @@ def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
     train.main(["--out-dir", str(tmp_path), "--max-steps", "4", "--sample-every", "1000", *TINY])
     speeds = [float(s) for s in re.findall(r"([\d.]+) img/s", capsys.readouterr().out)]  # batch 8, 1 step a line
     assert len(speeds) == 4 and speeds[0] <= 2 and min(speeds[1:]) > 10  # 8 images: over 4 s, then under 0.8 s
+
+
+def wandb_runs(out):
+    """(run id, history rows) of each offline W&B run under out/wandb/, oldest first, read from its
+    transaction log (W&B's record format: 32 KB blocks of CRC-framed chunks holding protobufs)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+    runs = []
+    for path in sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))):
+        data, pos, chunk, run_id, history = open(path, "rb").read(), 7, b"", None, []
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # the rest of a block is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or its last chunk
+                record = Record.FromString(chunk)
+                chunk = b""
+                if record.WhichOneof("record_type") == "run":
+                    run_id = record.run.run_id
+                elif record.WhichOneof("record_type") == "history":
+                    history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                    for item in record.history.item})
+        runs.append((run_id, history))
+    return runs
+
+
+def test_wandb_offline_run_holds_the_logged_values_and_grids_and_a_resume_continues_it(tmp_path):
+    argv = [sys.executable, SCRIPT["train.py"], "--out-dir", str(tmp_path / "out"), *TINY, "--log-every", "2",
+            "--sample-every", "2", "--wandb", "--wandb-run-name", "tiny"]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    first = subprocess.run([*argv, "--max-steps", "4"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([*argv, "--max-steps", "6", "--resume"], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    (id1, history1), (id2, history2) = wandb_runs(tmp_path / "out")
+    assert id1 == id2 == load_checkpoint(tmp_path / "out" / "ckpt.pt")["args"]["wandb_id"]
+    with open(tmp_path / "out" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [2, 4, 6]  # one row per log line, the resumed run's appended
+    scalars = [h for h in history1 + history2 if "loss" in h]
+    images = [h for h in history1 + history2 if "samples/_type" in h]
+    assert [h["step"] for h in scalars] == [2, 4, 6] and [h["step"] for h in images] == [2, 4, 6]
+    assert all(h["samples/_type"] == "image-file" and h["samples/path"].endswith(".png") for h in images)
+    printed = re.findall(r"step (\d+)/\d+ \| loss ([\d.]+) \| lr ([\d.e+-]+) \| ([\d.]+) img/s",
+                         first.stdout + second.stdout)
+    assert len(printed) == 3
+    for row, logged, (step, loss, lr, speed) in zip(rows, scalars, printed):
+        assert row["step"] == step and f"{float(row['loss']):.4f}" == loss and f"{float(row['lr']):.2e}" == lr
+        assert f"{float(row['img_per_s']):.1f}" == speed and row["skipped"] == "0"
+        for key in ("loss", "q0", "q1", "q2", "q3", "lr", "img_per_s", "grad_norm"):
+            assert float(row[key]) == logged[key], key
+        assert all(0 < float(row[f"q{i}"]) < 2 for i in range(4))
+
+
+def test_a_run_without_wandb_never_imports_it(tmp_path):
+    script = (f"import sys; sys.path.insert(0, {REPO!r}); import train\n"
+              f"train.main({['--out-dir', str(tmp_path / 'out'), '--max-steps', '1', *TINY]!r})\n"
+              "print('wandb' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "False", result.stderr[-2000:]
+    assert (tmp_path / "out" / "log.csv").read_text().startswith("step,loss,q0,q1,q2,q3,lr,img_per_s,grad_norm")
+
+
+def test_wandb_missing_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import wandb raises ImportError
+    message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), *TINY, "--wandb"])
+    assert "--wandb needs the wandb package: pip install wandb" in message
 
 
 def test_checkpoint_is_saved_even_when_the_grid_fails(tmp_path, monkeypatch):

@@ -8,11 +8,13 @@ Train a DDPM. Each preset sets the model and optimisation for a dataset; flags o
     python train.py --resume                          # continue out/ckpt.pt
 
 Writes out/ckpt.pt (everything needed to resume or sample), out/samples/step_*.png (a
-fixed-seed EMA grid) and, at the end, out/ema_fp16.pt (EMA weights alone, for sampling).
+fixed-seed EMA grid), out/log.csv (the logged values) and, at the end, out/ema_fp16.pt (EMA
+weights alone, for sampling).
 """
 import argparse
 import collections
 import copy
+import csv
 import math
 import os
 import shutil
@@ -66,12 +68,15 @@ COMPILE = None  # torch.compile the model; None = on CUDA only
 WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else min(4, CPU cores)
 SEED = 0  # initial weights and data order (the same on every rank), noise (each DDP rank adds its rank)
 # output
-OUT_DIR = "out"  # ckpt.pt, ckpt.prev.pt, ema_fp16.pt, samples/
+OUT_DIR = "out"  # ckpt.pt, ckpt.prev.pt, ema_fp16.pt, samples/, log.csv
 LOG_EVERY = 100  # steps between log lines
 SAMPLE_EVERY = 5000  # steps between EMA sample grids (DDIM, eta 1, SAMPLE_STEPS steps, fixed seed)
 SAMPLE_STEPS = 50  # DDIM steps for those grids
 SAVE_EVERY = 5000  # steps between checkpoints
 RESUME = False  # continue from OUT_DIR/ckpt.pt
+WANDB = False  # also log to Weights & Biases (pip install wandb); OUT_DIR/log.csv is always written
+WANDB_PROJECT = "ddpm"  # the W&B project
+WANDB_RUN_NAME = None  # the W&B run's name; None = W&B picks one
 
 # What each dataset trains with unless a flag says otherwise.
 PRESETS = {
@@ -142,8 +147,8 @@ def resume_args(args, ckpt):
     if changed:
         raise ValueError("the checkpoint was trained with other " + ", ".join(
             f"--{n.replace('_', '-')} ({saved[n]} there, {getattr(args, n)} here)" for n in changed))
-    merged = {**saved, **{n: getattr(args, n) for n in args.explicit}, "explicit": args.explicit,
-              "out_dir": args.out_dir}  # a moved run folder keeps its outputs together
+    merged = {**vars(args), **saved, **{n: getattr(args, n) for n in args.explicit}, "explicit": args.explicit,
+              "out_dir": args.out_dir}  # a moved run folder keeps its outputs together; new flags their defaults
     return argparse.Namespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
 
@@ -193,10 +198,11 @@ def update_ema(ema_params, params, step, decay):
 
 
 def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype):
-    """One update: loss under autocast, backward (scaled for fp16), unscale, clip, step.
-    Returns (loss, bad): a non-finite loss or gradient skips the update."""
+    """One update: loss under autocast, backward (scaled for fp16), unscale, clip, step. Returns
+    (each image's loss, its t, the gradient norm, bad): a non-finite loss or gradient skips the update."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        loss = diffusion.loss(net, x, y, args.loss, args.min_snr)
+        losses, t = diffusion.loss(net, x, y, args.loss, args.min_snr)
+        loss = losses.mean()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -206,7 +212,14 @@ def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), bad
+    return losses.detach(), t, grad_norm, bad
+
+
+def by_quarter(losses, t, T):
+    """Sums of the losses, and counts, per quarter of the timestep range: (2, 4), where q0 is
+    t < T/4 (fine detail, little noise) and q3 t >= 3T/4 (global structure, mostly noise)."""
+    quarter = t * 4 // T
+    return torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, torch.ones_like(losses)]))
 
 
 def checkpoint(model, ema, optimizer, scaler, step, args, classes):
@@ -263,6 +276,61 @@ def save_grid(ema, diffusion, args, num_classes, path, device):
                               generator=torch.Generator().manual_seed(args.seed))
     with common.atomic_write(path) as f:
         save_image((x + 1) / 2, f, format="png", nrow=int(math.sqrt(n)) if num_classes == 0 else 10)
+
+
+class RunLog:
+    """Rank 0's record of the run: a line per log interval on the terminal, the same values
+    appended to OUT_DIR/log.csv and, with --wandb, logged to Weights & Biases with each grid."""
+    FIELDS = ("step", "loss", "q0", "q1", "q2", "q3", "lr", "img_per_s", "grad_norm", "skipped", "minutes")
+
+    def __init__(self, args, step, world):
+        self.args, self.world, self.path, self.wandb = args, world, os.path.join(args.out_dir, "log.csv"), None
+        if step and os.path.exists(self.path):  # resumed: the rows after the checkpoint's step are trained again
+            with open(self.path) as f:
+                rows = f.readlines()
+            with common.atomic_write(self.path) as f:
+                f.write("".join(rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= step]).encode())
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+            try:  # a resumed run continues its W&B run: the id is kept in the checkpoint's args
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args),
+                                        id=getattr(args, "wandb_id", None), resume="allow", dir=args.out_dir)
+            except Exception as e:
+                raise ValueError(f"W&B did not start ({e}): run wandb login, or set WANDB_MODE=offline") from None
+            args.wandb_id, self.image = self.wandb.id, wandb.Image
+            self.wandb.define_metric("*", step_metric="step")
+        self.step, self.t0, self.t_line = step, time.time(), time.time()
+
+    def line(self, step, loss_sum, norm_sum, quarters, skipped):
+        """The means over the steps since the last line, and the speed over them."""
+        now, steps = time.time(), step - self.step
+        rate, q = steps / (now - self.t_line), (quarters[0] / quarters[1]).tolist()
+        row = dict(step=step, loss=loss_sum.item() / steps, q0=q[0], q1=q[1], q2=q[2], q3=q[3],
+                   lr=learning_rate(step - 1, self.args), img_per_s=rate * self.args.batch_size * self.world,
+                   grad_norm=norm_sum.item() / steps, skipped=skipped, minutes=(now - self.t0) / 60)
+        print(f"step {step}/{self.args.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+              f"{row['img_per_s']:.1f} img/s | {row['minutes']:.1f} min | "
+              f"ETA {(self.args.max_steps - step) / rate / 60:.1f} min", flush=True)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.wandb:
+            self.wandb.log(row)
+        self.step, self.t_line = step, now
+
+    def grid(self, step, path):
+        if self.wandb:
+            self.wandb.log({"step": step, "samples": self.image(path)})
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ---------------------------------------------------------------- the run
@@ -367,8 +435,8 @@ def train(args):
     args, step, model, ema = run.args, run.step, run.model, run.ema
     params, ema_params = list(model.parameters()), list(ema.parameters())
     data = batches(run.dataset, args.batch_size, args.seed, run.rank, run.world, step, run.device, args.workers)
-    interrupt, stop, bad_steps, loss_sum, last_log, t0 = common.Interrupt(), 0, 0, 0.0, step, time.time()
-    t_log = t0
+    log = RunLog(args, step, run.world) if run.rank == 0 else None
+    interrupt, stop, bad_steps, skipped, loss_sum, norm_sum, quarters = common.Interrupt(), 0, 0, 0, 0, 0, 0
     try:
         while step < args.max_steps:
             if not bad_steps:  # after a skipped update the batch is tried again (new noise, new t):
@@ -380,8 +448,8 @@ def train(args):
                 y = torch.where(torch.rand(y.shape, device=x.device) < args.label_dropout, len(run.classes), y)
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-            loss, bad = train_step(run.net, run.diffusion, run.optimizer, run.scaler, params, x,
-                                   y if args.class_cond else None, args, run.dtype)
+            losses, t, grad_norm, bad = train_step(run.net, run.diffusion, run.optimizer, run.scaler, params, x,
+                                                   y if args.class_cond else None, args, run.dtype)
             # every rank must skip, and stop, at the same step: one flag each, the max over ranks
             # (in fp16 the scaler takes an inf gradient for an overflow: only the rank with the
             # bad loss knows the step was bad)
@@ -390,7 +458,7 @@ def train(args):
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             bad, stop = flags.tolist()
             if bad:
-                bad_steps += 1
+                bad_steps, skipped = bad_steps + 1, skipped + 1
                 print(f"step {step + 1}: non-finite loss or gradient, update skipped "
                       f"({bad_steps} in a row)", file=sys.stderr, flush=True)
                 if bad_steps >= args.max_bad_steps:
@@ -400,30 +468,31 @@ def train(args):
             bad_steps = 0
             update_ema(ema_params, params, step, args.ema_decay)
             step += 1
-            loss_sum += loss
+            # summed on the device, read once a log line: no wait for the GPU at every step
+            loss_sum, norm_sum = loss_sum + losses.mean(), norm_sum + grad_norm
+            quarters = quarters + by_quarter(losses, t, args.timesteps)
 
             if run.rank > 0:  # only rank 0 logs, saves and samples
                 if stop:
                     break
                 continue
             if step % args.log_every == 0 or step == args.max_steps:
-                now = time.time()  # speed since the last line: a slow first step (compiling) drops out
-                elapsed, rate, t_log = now - t0, (step - last_log) / (now - t_log), now
-                print(f"step {step}/{args.max_steps} | loss {loss_sum.item() / (step - last_log):.4f} | "
-                      f"lr {learning_rate(step - 1, args):.2e} | {rate * args.batch_size * run.world:.1f} img/s | "
-                      f"{elapsed / 60:.1f} min | ETA {(args.max_steps - step) / rate / 60:.1f} min", flush=True)
-                loss_sum, last_log = 0.0, step
+                log.line(step, loss_sum, norm_sum, quarters, skipped)
+                skipped, loss_sum, norm_sum, quarters = 0, 0, 0, 0
             if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
                 save_checkpoint(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes),
                                 run.ckpt_path)
             if step % args.sample_every == 0 or step == args.max_steps:
-                save_grid(ema, run.diffusion, args, len(run.classes),
-                          os.path.join(args.out_dir, "samples", f"step_{step:07d}.png"), run.device)
+                grid = os.path.join(args.out_dir, "samples", f"step_{step:07d}.png")
+                save_grid(ema, run.diffusion, args, len(run.classes), grid, run.device)
+                log.grid(step, grid)
             if stop:
                 print(f"saved {run.ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
                 break
     finally:
         interrupt.restore()
+        if log:
+            log.close()
         if run.world > 1:
             dist.destroy_process_group()
     if stop:  # a signal to any rank stops them all, and none of them claims to be done

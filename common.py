@@ -48,13 +48,16 @@ def as_typed(value):
     return ",".join(str(int(v)) for v in value) if isinstance(value, tuple) else value
 
 
-def add_flags(p, constants, defaults=None, **special):
+def add_flags(p, constants, defaults=None, only=None, **special):
     """A flag per `NAME = value  # comment` line of the script that holds `constants` (its
-    globals()): --name for NAME, the comment as help, the default from `defaults` (the constants
-    themselves if None) and the type from the constant's value. `special` adds argparse keywords
-    for a name, e.g. DATASET=dict(choices=...), or type=int where the constant is None."""
+    globals()), or per name in `only`: --name for NAME, the comment as help, the default from
+    `defaults` (the constants themselves if None) and the type from the constant's value.
+    `special` adds argparse keywords for a name, e.g. DATASET=dict(choices=...), or type=int
+    where the constant is None."""
     source = open(constants["__file__"]).read()
     for name, comment in re.findall(r"^([A-Z_]+) = .*?  # (.*)$", source, re.M):
+        if only is not None and name not in only:
+            continue
         value = constants[name]
         kwargs = dict(type=type(value)) if value is not None else {}
         if isinstance(value, bool):

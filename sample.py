@@ -47,29 +47,44 @@ BATCH_SIZE = 64  # images per batch when exporting
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
 
-def parse_args(argv=None):
-    """A flag per constant above (--png-dir for PNG_DIR), its comment as the help."""
-    p = common.add_flags(common.parser(__doc__), globals(), METHOD=dict(choices=("ddpm", "ddim", "dpm")),
-                         STEPS=dict(type=int), NUM_SAMPLES=dict(type=int))
-    args = p.parse_args(argv)
-    common.at_least(p, args, 1, "nrow", "batch_size", "num_samples", "steps")
-    common.at_least(p, args, 0, "first")
+# the flags fid.py takes from here, so that a score is of the images sample.py draws
+SAMPLER = ("METHOD", "STEPS", "ETA", "EMA", "SEED", "LABEL", "GUIDANCE", "BATCH_SIZE", "DEVICE")
+
+
+def add_flags(p, only=None):
+    """A flag per constant above (or per name in `only`), its comment as the help."""
+    return common.add_flags(p, globals(), only=only, METHOD=dict(choices=("ddpm", "ddim", "dpm")),
+                            STEPS=dict(type=int), NUM_SAMPLES=dict(type=int))
+
+
+def check_sampler(p, args):
+    """Refuse sampler flags that cannot work together."""
+    common.at_least(p, args, 1, "steps", "batch_size")
     if args.method == "ddpm" and args.steps is not None:
         p.error("--method ddpm always takes all T steps: use ddim or dpm for fewer")
+    if not 0 <= args.eta <= 1:
+        p.error("--eta must be between 0 and 1")
+    if args.eta and args.method != "ddim":
+        p.error("--eta applies to --method ddim only")
+    if not math.isfinite(args.guidance):
+        p.error("--guidance must be a finite number")
+    if args.guidance != 1 and args.label is None:
+        p.error("--guidance needs --label (a class index, a class name or all)")
+
+
+def parse_args(argv=None):
+    """The flags, checked."""
+    p = add_flags(common.parser(__doc__))
+    args = p.parse_args(argv)
+    check_sampler(p, args)
+    common.at_least(p, args, 1, "nrow", "num_samples")
+    common.at_least(p, args, 0, "first")
     if (args.npz or args.png_dir or args.first) and args.num_samples is None:
         p.error("--npz, --png-dir and --first need --num-samples")
     if args.num_samples is not None and not (args.npz or args.png_dir):
         p.error("--num-samples needs --npz and/or --png-dir to write the images to")
     if args.num_samples is not None and (args.out or args.gif):
         p.error("--out and --gif write a grid: drop them with --num-samples")
-    if not 0 <= args.eta <= 1:
-        p.error("--eta must be between 0 and 1")
-    if not math.isfinite(args.guidance):
-        p.error("--guidance must be a finite number")
-    if args.eta and args.method != "ddim":
-        p.error("--eta applies to --method ddim only")
-    if args.guidance != 1 and args.label is None:
-        p.error("--guidance needs --label (a class index, a class name or all)")
     if args.npz and os.path.isdir(args.npz):
         p.error(f"--npz {args.npz} is a folder: give a file name, e.g. {os.path.join(args.npz, 'samples.npz')}")
     if args.out and Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) not in Image.SAVE:
@@ -211,23 +226,28 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
     return args.npz or args.png_dir
 
 
-def sample(args):
-    ckpt = load_checkpoint(args.ckpt)
+def load(path, args, device):
+    """(network with the EMA or raw weights, diffusion, label, checkpoint) from checkpoint `path`,
+    on `device`; sets args.image_size."""
+    ckpt = load_checkpoint(path)
     if not args.ema and "model" not in ckpt:
-        raise ValueError(f"{args.ckpt} holds only the EMA weights: drop --no-ema")
-    model = model_from_checkpoint(ckpt, ema=args.ema)
+        raise ValueError(f"{path} holds only the EMA weights: drop --no-ema")
+    model = model_from_checkpoint(ckpt, ema=args.ema).to(device).eval()
+    d = ckpt["diffusion"]
+    diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
+    if args.steps is not None and args.steps > diffusion.T:
+        raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    args.image_size = ckpt["args"]["image_size"]
+    classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
+    return model, diffusion, parse_label(args.label, classes), ckpt
+
+
+def sample(args):
     rank, world, device = common.setup(args.device)
     if world > 1 and not args.num_samples:
         raise ValueError("under torchrun, sample.py exports (--num-samples with --npz or "
                          "--png-dir); a grid takes one process")
-    model = model.to(device).eval()
-    d = ckpt["diffusion"]
-    diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
-    args.image_size = ckpt["args"]["image_size"]
-    classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
-    label = parse_label(args.label, classes)
-    if args.steps is not None and args.steps > diffusion.T:
-        raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    model, diffusion, label, _ = load(args.ckpt, args, device)
     if args.num_samples:
         path = export(diffusion, model, args, label, device, rank, world)
     else:

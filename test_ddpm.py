@@ -20,6 +20,7 @@ from PIL import Image
 
 import common
 import data
+import fid
 import sample
 import train
 from diffusion import Diffusion, cosine_betas, linear_betas, timesteps
@@ -1159,6 +1160,99 @@ def test_dpm_solver_20_steps_is_closer_to_the_ode_than_ddim_20(tmp_path):
     ddim_error = (run("ddim", 20) - reference).pow(2).mean().item()
     print(f"mean squared difference to DDIM-500: DPM-Solver++ 20 steps {dpm_error:.5f}, DDIM 20 steps {ddim_error:.5f}")
     assert dpm_error < ddim_error
+
+
+# ---------------------------------------------------------------- sample quality (fid.py)
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's Inception v3 with random weights, as a --weights file: the real weights are
+    a download, which no test makes. Initialised so that the features stay of order 1."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Untrained(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the initial weights
+            return super().load_state_dict(state_dict, strict=False)
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "none.pt")
+    torch.manual_seed(0)
+    net = Untrained("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "none.pt"))
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.nn.init.normal_(net.fc.weight, std=2048 ** -0.5)
+    torch.save(net.state_dict(), folder / "inception.pt")
+    return str(folder / "inception.pt")
+
+
+def test_fid_scores_snapshots_against_the_training_set_and_caches_its_statistics(tmp_path, inception_weights,
+                                                                                 monkeypatch, capsys):
+    write_images(tmp_path / "imgs", [f"{i:02d}.png" for i in range(12)], (20, 20))
+    out = tmp_path / "out"
+    train.main(["--out-dir", str(out), "--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--image-size",
+                "16", *TINY, "--batch-size", "4", "--max-steps", "2", "--keep-every", "1"])
+    assert sorted(os.listdir(out / "snapshots")) == ["ema_0000001.pt", "ema_0000002.pt"]
+    snapshot = load_checkpoint(out / "snapshots" / "ema_0000001.pt")
+    assert snapshot["step"] == 1 and all(v.dtype == torch.float16 for v in snapshot["ema"].values())
+    grid = sample.main(["--ckpt", str(out / "snapshots" / "ema_0000001.pt"), "--nrow", "2", "--steps", "2",
+                        "--out", str(tmp_path / "g.png")])
+    assert Image.open(grid).size == (2 * 16 + 3 * 2,) * 2
+    argv = ["--num-samples", "6", "--steps", "2", "--batch-size", "4", "--weights", inception_weights,
+            "--cache-dir", str(tmp_path / "stats"), "--device", "cpu"]
+    capsys.readouterr()
+    rows = fid.main(["--ckpt", str(out / "snapshots" / "*.pt"), *argv])  # a row per snapshot, by step
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (step ")[1][0] for line in printed] == ["1", "2"] and len(rows) == 2
+    assert all(row["n"] == 6 and row["fid"] > 0 and row["is_mean"] >= 1 for row in rows)
+    [cache] = os.listdir(tmp_path / "stats")  # folder-<path hash>-16px-weights-<file hash>.npz
+    assert cache.startswith("folder-") and "-16px-weights-" in cache
+    assert int(np.load(tmp_path / "stats" / cache)["n"]) == 12 and "12 images" in printed[0]
+    monkeypatch.setattr(fid, "dataset_images", lambda *args: pytest.fail("the reference was computed again"))
+    [again] = fid.main(["--ckpt", str(out / "snapshots" / "ema_0000002.pt"), *argv])
+    assert again == rows[1]  # the same seeds, the same cached reference: the same scores
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(tmp_path, inception_weights):
+    y, x = np.mgrid[0:16, 0:16]
+    images = np.stack([np.stack([(x * 16 + 8 * i) % 256, y * 16, (x + y) * 8 + i] * 1, -1)
+                       for i in range(16)]).astype(np.uint8)  # 16 smooth 16 x 16 RGB images
+    np.savez(tmp_path / "ref.npz", images)
+    (tmp_path / "png").mkdir()
+    for i, image in enumerate(images):  # the same images as PNGs, as sample.py --png-dir writes them
+        Image.fromarray(image).save(tmp_path / "png" / f"{i:06d}.png")
+    noisy = np.clip(images + np.random.default_rng(0).normal(0, 20, images.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "noisy.npz", noisy)
+    argv = ["--ref", str(tmp_path / "ref.npz"), "--weights", inception_weights, "--device", "cpu"]
+    [same] = fid.main(["--png-dir", str(tmp_path / "png"), *argv])
+    [noised] = fid.main(["--npz", str(tmp_path / "noisy.npz"), *argv])
+    print(f"FID against itself {same['fid']:.2e}, noised (std 20 of 255) {noised['fid']:.3f}")
+    assert abs(same["fid"]) < 1e-4 and noised["fid"] > 0.5  # -2e-6 and 1.7 here
+
+
+def test_fid_bad_input_is_one_line(capsys, tmp_path, trained, inception_weights, monkeypatch):
+    weights = ["--weights", inception_weights, "--device", "cpu"]
+    np.savez(tmp_path / "flat.npz", np.zeros((4, 28, 28), np.uint8))
+    np.savez(tmp_path / "one.npz", np.zeros((1, 28, 28, 1), np.uint8))
+    np.savez(tmp_path / "small.npz", np.zeros((4, 16, 16, 1), np.uint8))
+    for argv, expected in [
+        (["--ckpt", str(tmp_path / "none.pt")], "no checkpoint at --ckpt"),
+        (["--ckpt", str(tmp_path / "*.pt")], "no checkpoint at --ckpt"),
+        (["--npz", str(tmp_path / "none.npz"), "--ref", "mnist5k"], "no such file or folder"),
+        (["--ckpt", str(trained / "ckpt.pt"), "--ref", str(tmp_path / "none")], "not a dataset (mnist5k, mnist"),
+        (["--npz", str(tmp_path / "flat.npz"), "--ref", "mnist5k"], "expected uint8 images N x H x W x C"),
+        (["--npz", str(tmp_path / "one.npz"), "--ref", "mnist5k"], "FID needs at least 2 images, found 1"),
+        (["--ckpt", str(trained / "ckpt.pt"), "--num-samples", "1"], "--num-samples must be at least 2"),
+        (["--ckpt", str(trained / "ckpt.pt"), "--ref", str(tmp_path / "small.npz"), "--steps", "2"],
+         "holds 16x16 images, the samples are 28x28"),
+        (["--npz", str(tmp_path / "small.npz")], "--npz and --png-dir need --ref"),
+        (["--ckpt", str(trained / "ckpt.pt"), "--npz", str(tmp_path / "small.npz")], "give one of --ckpt"),
+    ]:
+        assert expected in one_line_error(capsys, fid.main, argv + weights), argv
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # no network
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # and no weights downloaded before
+    message = one_line_error(capsys, fid.main, ["--ckpt", str(trained / "ckpt.pt"), "--device", "cpu"])
+    assert "could not download the Inception weights" in message and "give --weights FILE" in message
 
 
 # ---------------------------------------------------------------- speed tooling

@@ -73,8 +73,10 @@ LOG_EVERY = 100  # steps between log lines
 SAMPLE_EVERY = 5000  # steps between EMA sample grids (DDIM, eta 1, SAMPLE_STEPS steps, fixed seed)
 SAMPLE_STEPS = 50  # DDIM steps for those grids
 SAVE_EVERY = 5000  # steps between checkpoints
+KEEP_EVERY = 0  # keep the EMA weights of every Nth step as OUT_DIR/snapshots/ema_<step>.pt (fp16); 0 = none
 RESUME = False  # continue from OUT_DIR/ckpt.pt
-WANDB = False  # also log to Weights & Biases (pip install wandb); OUT_DIR/log.csv is always written
+# logging (LOG_EVERY's lines always go to OUT_DIR/log.csv too)
+WANDB = False  # also log to Weights & Biases (pip install wandb)
 WANDB_PROJECT = "ddpm"  # the W&B project
 WANDB_RUN_NAME = None  # the W&B run's name; None = W&B picks one
 
@@ -125,7 +127,7 @@ def parse_args(argv=None):
     args.explicit = sorted(vars(build_parser(collections.defaultdict(lambda: argparse.SUPPRESS)).parse_args(argv)))
     common.at_least(p, args, 1, "batch_size", "max_steps", "log_every", "sample_every", "save_every",
                     "sample_steps", "max_bad_steps", "image_size")
-    common.at_least(p, args, 0, "warmup_steps", "weight_decay", "min_snr", "workers")
+    common.at_least(p, args, 0, "warmup_steps", "weight_decay", "min_snr", "workers", "keep_every")
     for name in ("lr", "grad_clip"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be above 0")
@@ -395,6 +397,8 @@ def setup_run(args):
     if rank == 0:  # a bad --out-dir fails now, not at the first grid or save
         common.writable(os.path.join(args.out_dir, "samples", "step.png"), "--out-dir")
         common.writable(ckpt_path, "--out-dir")
+        if args.keep_every:
+            common.writable(os.path.join(args.out_dir, "snapshots", "ema.pt"), "--out-dir")
     if rank > 0:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
         common.wait_for_all(world)
     dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.class_cond)
@@ -482,6 +486,9 @@ def train(args):
             if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
                 save_checkpoint(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes),
                                 run.ckpt_path)
+            if args.keep_every and step % args.keep_every == 0:  # a history to sample from and score (fid.py)
+                save_checkpoint(ema_export(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes)),
+                                os.path.join(args.out_dir, "snapshots", f"ema_{step:07d}.pt"), keep_previous=False)
             if step % args.sample_every == 0 or step == args.max_steps:
                 grid = os.path.join(args.out_dir, "samples", f"step_{step:07d}.png")
                 save_grid(ema, run.diffusion, args, len(run.classes), grid, run.device)

@@ -54,7 +54,8 @@ def add_flags(p, constants, defaults=None, only=None, **special):
     `defaults` (the constants themselves if None) and the type from the constant's value.
     `special` adds argparse keywords for a name, e.g. DATASET=dict(choices=...), or type=int
     where the constant is None."""
-    source = open(constants["__file__"]).read()
+    with open(constants["__file__"]) as f:
+        source = f.read()
     for name, comment in re.findall(r"^([A-Z_]+) = .*?  # (.*)$", source, re.M):
         if only is not None and name not in only:
             continue

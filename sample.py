@@ -209,7 +209,7 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
                     done = i + 1
                 if args.npz and world > 1:
                     batch = common.gather(batch, [len(indices) for indices in turn], args.batch_size)
-                if npz:
+                if npz is not None:
                     npz.write(batch.numpy().tobytes())
                 bar.update(sum(len(indices) for indices in turn))
         except (OSError, KeyboardInterrupt) as e:  # say what there is to go on from

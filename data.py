@@ -99,14 +99,19 @@ def check_dir(path, what, where):
         raise FileNotFoundError(f"{what} not found at {path!r}: {where}")
 
 
+def image_files(root):
+    """Every image file under root, at any depth, sorted."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
 class ImageFolder(Dataset):
     """Every image file under `root` (recursively), or those named in `split`. With `labels`, the
     first-level sub-folder names are the classes. A file that cannot be read is skipped with a
     warning naming it."""
 
     def __init__(self, root, image_size, labels=False, split=None):
-        self.files = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                            if f.lower().endswith(IMAGE_EXTENSIONS) and (split is None or f in split))
+        self.files = [f for f in image_files(root) if split is None or os.path.basename(f) in split]
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}"
                                     + ("" if split is None else " in the training split"))

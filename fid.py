@@ -16,6 +16,7 @@ seed + i, as sample.py draws it, so a score is reproducible.
 """
 import glob
 import hashlib
+import io
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 import common
 import sample
-from data import DATASETS, IMAGE_EXTENSIONS, ArrayDataset, load_dataset
+from data import DATASETS, ArrayDataset, image_files, load_dataset
 
 CKPT = None  # checkpoints to sample from: a file, or a glob in quotes ("out/snapshots/*.pt"), a row each
 NPZ = None  # or score an export: uint8 images N x H x W x C under arr_0 (sample.py --npz)
@@ -64,11 +65,12 @@ def inception(weights, device):
     tag = "inception-2015-12-05"
     if weights:  # plain tensors only: torch-fidelity loads the file with pickle
         try:
-            torch.load(weights, map_location="cpu", weights_only=True)
+            with open(weights, "rb") as f:
+                data = f.read()
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"--weights {weights} is not a safe, readable weights file ({e})") from None
-        with open(weights, "rb") as f:
-            tag = "weights-" + hashlib.sha256(f.read()).hexdigest()[:8]
+        tag = "weights-" + hashlib.sha256(data).hexdigest()[:8]
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=weights)
@@ -105,8 +107,7 @@ def read_images(path, flag, size=None):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     if os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = image_files(path)
         images = [np.asarray(Image.open(f).convert("RGB")) for f in tqdm(files, desc=path, file=sys.stderr)]
         if len({image.shape for image in images}) > 1:
             raise ValueError(f"{flag} {path}: the images are not all of one size")
@@ -133,7 +134,7 @@ def dataset_images(name, data_dir, size, batch_size):
     if isinstance(dataset, ArrayDataset):  # held in memory as uint8 already
         return batched(dataset.images.permute(0, 2, 3, 1), batch_size), len(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(4, os.cpu_count() or 1))
-    return (((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1) for x, _ in loader), len(dataset)
+    return (sample.to_uint8(x) for x, _ in loader), len(dataset)
 
 
 def reference(args, ref, data_dir, size, net, device, tag):

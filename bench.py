@@ -5,6 +5,7 @@ Benchmark the real training step (train.py) and the real sampler (diffusion.py).
     python bench.py --preset cifar10 --batch-size 16 --dtype bfloat16
     python bench.py --preset celeba --device cuda --compile           # GPU
     python bench.py --preset mnist5k --channels 32,64,128             # any train.py model flag
+    python bench.py --preset ho-cifar10 --batch-size 4                # Ho et al.'s network
 
 Prints parameters, forward GFLOP per image, training images/s and MFU (3 x forward FLOPs x
 images/s over a matmul peak measured in the same run, in the same precision), sampling ms
@@ -25,9 +26,9 @@ import common
 import train
 from data import DATASETS
 from diffusion import Diffusion
-from model import UNet, check_image_size
+from model import build_unet, check_image_size
 
-PRESET = "cifar10"  # the model of a train.py preset: mnist5k | mnist | cifar10 | celeba | folder
+PRESET = "cifar10"  # the model of a train.py preset: mnist5k | mnist | cifar10 | celeba | folder | ho-cifar10
 BATCH_SIZE = 16  # training batch
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast)
@@ -112,7 +113,7 @@ def parse_args(argv=None):
     args, model_flags = p.parse_known_args(argv)
     common.at_least(p, args, 1, "steps", "batch_size", "sample_batch")
     # the preset and any model flags, read exactly as train.py reads them
-    args.train = train.parse_args(["--dataset", args.preset, "--batch-size", str(args.batch_size),
+    args.train = train.parse_args(["--preset", args.preset, "--batch-size", str(args.batch_size),
                                    "--device", args.device, "--dtype", args.dtype, *model_flags])
     return args
 
@@ -125,7 +126,7 @@ def bench(args):
     config = train.unet_config(targs, channels)
     check_image_size(size, config)
     torch.manual_seed(0)
-    model = UNet(config).to(device)
+    model = build_unet(config).to(device)
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)
     dtype = train.amp_dtype(targs, device)
     peak = matmul_peak(device, dtype or torch.float32)  # bf16 autocast is measured against a bf16 peak

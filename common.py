@@ -75,7 +75,7 @@ def add_flags(p, constants, defaults=None, only=None, **special):
 def at_least(p, args, minimum, *names):
     """Refuse a flag below `minimum` (NaN included), naming it."""
     for name in names:
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # a script without that flag
         if value is not None and not value >= minimum:
             p.error(f"--{name.replace('_', '-')} must be " + ("0 or more" if minimum == 0 else f"at least {minimum}"))
 

@@ -8,6 +8,7 @@ come from (it matches the original TensorFlow FID and IS code to machine precisi
     python fid.py --ckpt "out/snapshots/*.pt" --method dpm --steps 20   # a row per snapshot
     python fid.py --npz samples.npz --ref cifar10                      # an export of sample.py
     python fid.py --png-dir samples/ --ref data/fid_stats/cifar10-32px-inception-2015-12-05.npz
+    python fid.py --ckpt out/ckpt.pt --features digits --num-samples 1000   # MNIST, no download
 
 The reference is the training set of the checkpoint's dataset, read by data.py as training
 read it. Its statistics are computed once and cached in --cache-dir, keyed by dataset, image
@@ -32,6 +33,7 @@ from tqdm import tqdm
 import common
 import sample
 from data import DATASETS, ArrayDataset, image_files, load_dataset
+from model import safe_load
 
 CKPT = None  # checkpoints to sample from: a file, or a glob in quotes ("out/snapshots/*.pt"), a row each
 NPZ = None  # or score an export: uint8 images N x H x W x C under arr_0 (sample.py --npz)
@@ -40,13 +42,15 @@ REF = None  # None = the checkpoint's training set; or a dataset name, a folder,
 DATA_DIR = None  # where the reference dataset is; None = where the checkpoint was trained from
 NUM_SAMPLES = 10000  # images drawn per checkpoint (50000 for the papers' numbers)
 WEIGHTS = None  # torch-fidelity's Inception weights file; None = download once into TORCH_HOME
+FEATURES = "inception"  # inception (the papers' FID and IS) | digits (a digit classifier's, for MNIST models)
 CACHE_DIR = "data/fid_stats"  # reference statistics, computed once per dataset, image size and weights
 ISC_SPLITS = 10  # the Inception Score's mean and std are over this many splits of the images
 
 
 def parse_args(argv=None):
     """The flags above, then sample.py's sampler flags."""
-    p = sample.add_flags(common.add_flags(common.parser(__doc__), globals()), only=sample.SAMPLER)
+    p = common.add_flags(common.parser(__doc__), globals(), FEATURES=dict(choices=("inception", "digits")))
+    p = sample.add_flags(p, only=sample.SAMPLER)
     args = p.parse_args(argv)
     sample.check_sampler(p, args)
     common.at_least(p, args, 2, "num_samples", "isc_splits")
@@ -59,27 +63,85 @@ def parse_args(argv=None):
     return args
 
 
+class Digits(torch.nn.Module):
+    """A small MNIST classifier (a convnet of two 3x3 layers): its 128 penultimate features
+    stand in for Inception's pool features, which are made for 299-px photos, not 28-px digits,
+    and its logits for Inception's in the IS. Takes uint8 images, as torch-fidelity's network."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: [torch.nn.Conv2d(i, o, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        self.body = torch.nn.Sequential(*conv(1, 32), *conv(32, 64), torch.nn.Flatten(),
+                                        torch.nn.Linear(64 * 7 * 7, 128), torch.nn.ReLU())
+        self.head = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = x[:, :1].float() / 127.5 - 1  # grey; a larger MNIST (32 px) loses its padded border
+        x = x[:, :, (x.shape[2] - 28) // 2:, (x.shape[3] - 28) // 2:][:, :, :28, :28]
+        features = self.body(x)
+        return features, self.head(features)
+
+
+def held_out_digits():
+    """mnist5k's last 20 digits of each class (200), which the digit classifier does not train on."""
+    labels = load_dataset("mnist5k").labels
+    return torch.cat([torch.nonzero(labels == c).flatten()[-20:] for c in range(10)])
+
+
+def digit_classifier(cache_dir, device):
+    """A Digits net trained on mnist5k's digits but the held-out ones (5 epochs, about a minute
+    on a CPU), cached in `cache_dir`, and the name of its weights."""
+    path = os.path.join(cache_dir, "digits-classifier.pt")
+    if not os.path.exists(path):
+        common.writable(path, "--cache-dir")
+        data, net = load_dataset("mnist5k"), Digits()
+        train = torch.ones(len(data), dtype=torch.bool).index_fill_(0, held_out_digits(), False)
+        images, labels = data.images[train], data.labels[train]
+        torch.manual_seed(0)
+        optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+        for epoch in tqdm(range(5), desc="training the digit classifier", file=sys.stderr):
+            for batch in torch.randperm(len(images)).split(64):
+                loss = torch.nn.functional.cross_entropy(net(images[batch])[1], labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with common.atomic_write(path) as f:
+            torch.save(net.state_dict(), f)
+    net = Digits()
+    net.load_state_dict(safe_load(path, path, "digit classifier"))
+    with open(path, "rb") as f:
+        return net.to(device).eval(), "digits-" + hashlib.sha256(f.read()).hexdigest()[:8]
+
+
 def inception(weights, device):
     """torch-fidelity's Inception v3, which gives 2048 pool features (for FID) and 1008 logits
     (for IS), and a name for its weights (the standard ones, or a file's hash)."""
     tag = "inception-2015-12-05"
-    if weights:  # plain tensors only: torch-fidelity loads the file with pickle
+    data = None
+    if weights:  # read once and checked: torch-fidelity unpickles the very bytes that passed
         try:
             with open(weights, "rb") as f:
                 data = f.read()
-            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"--weights {weights} is not a safe, readable weights file ({e})") from None
+        except OSError as e:
+            raise OSError(f"cannot read --weights {weights}: {e.strerror}") from None
+        safe_load(io.BytesIO(data), f"--weights {weights}", "weights file")
         tag = "weights-" + hashlib.sha256(data).hexdigest()[:8]
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                          feature_extractor_weights_path=weights)
+                                          feature_extractor_weights_path=data and io.BytesIO(data))
     except OSError as e:  # no network
         raise OSError(f"could not download the Inception weights ({e}): on a machine without network, fetch "
                       f"{URL_INCEPTION_V3} elsewhere and give --weights FILE") from None
     except RuntimeError as e:
         raise ValueError(f"--weights {weights} are not torch-fidelity's Inception v3 ({str(e)[:200]})") from None
     return net.to(device).eval(), tag
+
+
+def extractor(args, device):
+    """The network whose features FID compares, and the name of its weights."""
+    if args.features == "digits":
+        return digit_classifier(args.cache_dir, device)
+    return inception(args.weights, device)
 
 
 @torch.no_grad()
@@ -166,22 +228,24 @@ def score(args):
     if args.ckpt is None:  # an export
         source = args.npz or args.png_dir
         images = read_images(source, "--npz" if args.npz else "--png-dir")
-        net, tag = inception(args.weights, device)
+        net, tag = extractor(args, device)
         t0 = time.time()
         ref_stats, ref = reference(args, args.ref, args.data_dir, images.shape[1], net, device, tag)
         t1 = time.time()
         pool, logits, _ = features(net, batched(images, args.batch_size), len(images), device, "samples")
         return [row(source, pool, logits, ref_stats, ref, args,
                     f"reference {t1 - t0:.0f} s, features {time.time() - t1:.0f} s")]
-    paths = sorted(glob.glob(args.ckpt)) if glob.has_magic(args.ckpt) else [args.ckpt]
-    if not paths or not all(os.path.isfile(path) for path in paths):
+    paths = sorted(glob.glob(args.ckpt)) if glob.has_magic(args.ckpt) else [args.ckpt]  # or a hub name
+    if not paths:
         raise FileNotFoundError(f"no checkpoint at --ckpt {args.ckpt}")
-    net, tag = inception(args.weights, device)
+    net, tag = extractor(args, device)
     rows, refs = [], {}
     for path in paths:
         model, diffusion, label, ckpt = sample.load(path, args, device)
         t0 = time.time()  # the reference first: a wrong one fails before the sampling
         key = (args.ref or ckpt["args"]["dataset"], args.data_dir or ckpt["args"]["data_dir"], args.image_size)
+        if key[0] is None:  # a published network
+            raise ValueError(f"{path} was not trained here: give --ref, the images to score it against")
         if key not in refs:
             refs[key] = reference(args, *key, net, device, tag)
         t1 = time.time()
@@ -202,7 +266,7 @@ def row(source, pool, logits, ref_stats, ref, args, timing):
     isc = isc_features_to_metric(logits, splits=min(args.isc_splits, len(logits)))
     scores = dict(fid=fid["frechet_inception_distance"], is_mean=isc["inception_score_mean"],
                   is_std=isc["inception_score_std"], n=len(pool))
-    print(f"{source} | FID {scores['fid']:.2f} | IS {scores['is_mean']:.2f} ± {scores['is_std']:.2f} | "
+    print(f"{source} | FID{' (digit features)' if args.features == 'digits' else ''} {scores['fid']:.2f} | IS {scores['is_mean']:.2f} ± {scores['is_std']:.2f} | "
           f"n {len(pool)} | reference {ref}", flush=True)
     print(f"  ({timing})", file=sys.stderr)
     return scores

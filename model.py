@@ -5,8 +5,11 @@ conv in -> DownBlock per level -> neck -> mirrored UpBlocks -> GroupNorm, SiLU, 
 Each level halves the resolution, except the bottom one; every UpBlock concatenates the
 output of its DownBlock (the skip connection). The timestep, and the class label when the
 model is conditional, enter every ResidualBlock through one embedding vector.
+HoUNet wires the same blocks as Ho et al. 2020 did, and from_pretrained loads their
+published networks (google/ddpm-*) into it.
 """
 import math
+import os
 import pickle
 import re
 from dataclasses import asdict, dataclass
@@ -14,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import pretrained
 
 
 @dataclass
@@ -26,23 +31,27 @@ class UNetConfig:
     time_emb_dim: int = 64  # sinusoidal embedding size; the MLP widens it 4x
     dropout: float = 0.0
     num_classes: int = 0  # 0 = unconditional; else labels 0..num_classes-1 (+1 "no label")
+    layout: str = "ours"  # ours (UNet) | ho (HoUNet: Ho et al.'s wiring of the same blocks)
 
     def __post_init__(self):
         self.channels, self.attention = tuple(self.channels), tuple(bool(a) for a in self.attention)
         if len(self.channels) != len(self.attention):
             raise ValueError(f"channels {self.channels} and attention {self.attention} "
                              "must have one entry per level")
+        if self.layout not in ("ours", "ho"):
+            raise ValueError(f"unknown layout {self.layout!r}: use ours or ho")
         for c, attention in zip(self.channels, self.attention):
             if c < 4 or c % 4 or c // 4 > 32 and c % 32:
                 raise ValueError(f"channel width {c} must be a multiple of 4 (of 32 above 128)")
-            if attention and c % attention_heads(c):
+            if attention and self.layout == "ours" and c % attention_heads(c):
                 raise ValueError(f"channel width {c} does not split into {attention_heads(c)} attention "
                                  "heads: use a multiple of 64 at levels with attention")
-        for i, c in enumerate(self.channels):  # an UpBlock joins the level below with the skip
-            below = self.channels[min(i + 1, len(self.channels) - 1)]
-            if (below + c) % norm_groups(below + c):
-                raise ValueError(f"channel widths {below} and {c} join into {below + c} channels, which "
-                                 f"GroupNorm's {norm_groups(below + c)} groups do not divide: above 128, "
+        # an UpBlock joins the level below with the skip; Ho's blocks join any two widths
+        joined = [(self.channels[min(i + 1, len(self.channels) - 1)], c) for i, c in enumerate(self.channels)]
+        for a, b in [(a, b) for a in self.channels for b in self.channels] if self.layout == "ho" else joined:
+            if (a + b) % norm_groups(a + b):
+                raise ValueError(f"channel widths {a} and {b} join into {a + b} channels, which "
+                                 f"GroupNorm's {norm_groups(a + b)} groups do not divide: above 128, "
                                  "joined widths must be multiples of 32")
         if self.num_res < 1 or self.neck_length < 0:
             raise ValueError(f"num_res must be at least 1 and neck_length at least 0, "
@@ -70,10 +79,11 @@ def norm_silu(norm, x):
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in Ho et al. 2020)."""
+def timestep_embedding(t, dim, shift=0):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017); Ho et al.'s code spaces
+    the frequencies over half - 1 (shift 1)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - shift))
     angles = t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
@@ -101,9 +111,9 @@ class ResidualBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over all pixels, with a residual connection."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, heads=None):
         super().__init__()
-        self.heads = attention_heads(channels)
+        self.heads = heads or attention_heads(channels)
         self.norm = Norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
@@ -121,14 +131,14 @@ class Attention(nn.Module):
 
 
 class Level(nn.Module):
-    """num_res ResidualBlocks at one width, each followed by attention if asked."""
+    """ResidualBlocks to one width, from each of the widths `ins`, each followed by attention if
+    asked, and a resampling conv if given (HoUNet's)."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, num_res, attention, dropout):
+    def __init__(self, ins, out_ch, emb_dim, attention, dropout, heads=None, resample=None):
         super().__init__()
-        self.res = nn.ModuleList(ResidualBlock(in_ch if i == 0 else out_ch, out_ch, emb_dim, dropout)
-                                 for i in range(num_res))
-        self.attn = nn.ModuleList(Attention(out_ch) if attention else nn.Identity()
-                                  for _ in range(num_res))
+        self.res = nn.ModuleList(ResidualBlock(in_ch, out_ch, emb_dim, dropout) for in_ch in ins)
+        self.attn = nn.ModuleList(Attention(out_ch, heads) if attention else nn.Identity() for _ in ins)
+        self.resample = resample
 
     def forward(self, x, emb):
         for res, attn in zip(self.res, self.attn):
@@ -138,7 +148,7 @@ class Level(nn.Module):
 
 class DownBlock(Level):
     def __init__(self, in_ch, out_ch, emb_dim, num_res, attention, dropout, downsample):
-        super().__init__(in_ch, out_ch, emb_dim, num_res, attention, dropout)
+        super().__init__([in_ch] + [out_ch] * (num_res - 1), out_ch, emb_dim, attention, dropout)
         self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1) if downsample else nn.Identity()
 
     def forward(self, x, emb):
@@ -148,7 +158,7 @@ class DownBlock(Level):
 
 class UpBlock(Level):
     def __init__(self, in_ch, skip_ch, out_ch, emb_dim, num_res, attention, dropout, upsample):
-        super().__init__(in_ch + skip_ch, out_ch, emb_dim, num_res, attention, dropout)
+        super().__init__([in_ch + skip_ch] + [out_ch] * (num_res - 1), out_ch, emb_dim, attention, dropout)
         self.upsample = upsample
 
     def forward(self, x, skip, emb):
@@ -160,15 +170,30 @@ class UpBlock(Level):
 
 
 class UNet(nn.Module):
+    freq_shift, norm_eps = 0, 1e-5  # the timestep embedding's and GroupNorm's (torch's default)
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
-        levels, emb_dim = len(c.channels), 4 * c.time_emb_dim
+        emb_dim = 4 * c.time_emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(c.time_emb_dim, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         # index num_classes is "no label": unconditional samples, classifier-free guidance
         self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1)
+        self.build(c, emb_dim)
+        self.norm_out = Norm(c.channels[0])
+        self.conv_out = nn.Conv2d(c.channels[0], c.in_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        for norm in (m for m in self.modules() if isinstance(m, nn.GroupNorm)):
+            norm.eps = self.norm_eps
+        # channels_last (NHWC) memory: faster convolutions (oneDNN on CPU, tensor cores on
+        # GPU), and attention reads its tokens without a copy
+        self.to(memory_format=torch.channels_last)
+
+    def build(self, c, emb_dim):
+        levels = len(c.channels)
         widths = (c.channels[0],) + c.channels
         self.downs = nn.ModuleList(
             DownBlock(widths[i], widths[i + 1], emb_dim, c.num_res, c.attention[i], c.dropout,
@@ -179,23 +204,19 @@ class UNet(nn.Module):
             UpBlock(c.channels[min(i + 1, levels - 1)], c.channels[i], c.channels[i], emb_dim,
                     c.num_res, c.attention[i], c.dropout, upsample=i < levels - 1)
             for i in reversed(range(levels)))
-        self.norm_out = Norm(c.channels[0])
-        self.conv_out = nn.Conv2d(c.channels[0], c.in_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-        # channels_last (NHWC) memory: faster convolutions (oneDNN on CPU, tensor cores on
-        # GPU), and attention reads its tokens without a copy
-        self.to(memory_format=torch.channels_last)
 
     def forward(self, x, t, y=None):
         """x: (B, C, H, W) noisy images; t: (B,) timesteps 0..T-1; y: (B,) labels or None."""
-        emb = self.time_mlp(timestep_embedding(t, self.config.time_emb_dim))
+        emb = self.time_mlp(timestep_embedding(t, self.config.time_emb_dim, self.freq_shift))
         if self.label_emb is not None:
             if y is None:
                 y = torch.full_like(t, self.config.num_classes)
             emb = emb + self.label_emb(y)
         emb = F.silu(emb)  # every block's projection starts with SiLU: do it once here
         x = self.conv_in(x.contiguous(memory_format=torch.channels_last))
+        return self.conv_out(norm_silu(self.norm_out, self.body(x, emb)))
+
+    def body(self, x, emb):
         skips = []
         for down in self.downs:
             x, skip = down(x, emb)
@@ -204,7 +225,53 @@ class UNet(nn.Module):
             x = res(x, emb)
         for up in self.ups:
             x = up(x, skips.pop(), emb)
-        return self.conv_out(norm_silu(self.norm_out, x))
+        return x
+
+
+class HoUNet(UNet):
+    """Ho et al. 2020's UNet (their code's, and diffusers' UNet2DModel for google/ddpm-*): the
+    same blocks, wired otherwise. Every block on the way down (conv_in, each residual block,
+    each downsampling) leaves a skip, and each of the num_res + 1 residual blocks per level on
+    the way up takes one; the middle is residual block, attention, residual block. One
+    attention head, GroupNorm eps 1e-6, and no neck_length."""
+    freq_shift, norm_eps = 1, 1e-6
+
+    def build(self, c, emb_dim):
+        last = len(c.channels) - 1
+        skips, self.downs, self.ups = [c.channels[0]], nn.ModuleList(), nn.ModuleList()  # skips: their widths
+        for i, width in enumerate(c.channels):
+            self.downs.append(Level([skips[-1]] + [width] * (c.num_res - 1), width, emb_dim, c.attention[i],
+                                    c.dropout, 1, nn.Conv2d(width, width, 3, stride=2) if i < last else None))
+            skips += [width] * (c.num_res + (i < last))
+        width = c.channels[-1]
+        self.mid = nn.ModuleList([ResidualBlock(width, width, emb_dim, c.dropout), Attention(width, 1),
+                                  ResidualBlock(width, width, emb_dim, c.dropout)])
+        for i in reversed(range(last + 1)):
+            ins = [c.channels[min(i + 1, last)] + skips.pop()] + [c.channels[i] + skips.pop() for _ in range(c.num_res)]
+            self.ups.append(Level(ins, c.channels[i], emb_dim, c.attention[i], c.dropout, 1,
+                                  nn.Conv2d(c.channels[i], c.channels[i], 3, padding=1) if i > 0 else None))
+
+    def body(self, x, emb):
+        skips = [x]
+        for level in self.downs:
+            for res, attn in zip(level.res, level.attn):
+                x = attn(res(x, emb))
+                skips.append(x)
+            if level.resample is not None:  # a stride-2 conv, the image padded right and bottom only
+                x = level.resample(F.pad(x, (0, 1, 0, 1)))
+                skips.append(x)
+        x = self.mid[2](self.mid[1](self.mid[0](x, emb)), emb)
+        for level in self.ups:
+            for res, attn in zip(level.res, level.attn):
+                x = attn(res(torch.cat([x, skips.pop()], dim=1), emb))
+            if level.resample is not None:  # nearest-neighbour upsampling, then a 3x3 conv
+                x = level.resample(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return x
+
+
+def build_unet(config):
+    """The network a config describes: a UNet, or a HoUNet for layout "ho"."""
+    return (HoUNet if config.layout == "ho" else UNet)(config)
 
 
 def check_image_size(image_size, config):
@@ -215,20 +282,29 @@ def check_image_size(image_size, config):
                          f"times: use a multiple of {factor}, or fewer levels in --channels")
 
 
-def load_checkpoint(path):
-    """Load a checkpoint safely (tensors and plain Python values only; no code is run)."""
+def safe_load(file, path, what="checkpoint"):
+    """torch.load of tensors and plain Python values only: a file that holds code is refused,
+    in one line, and its code is not run."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except IsADirectoryError:
-        raise FileNotFoundError(f"{path} is a folder: give the checkpoint file, e.g. {path}/ckpt.pt") from None
+        raise FileNotFoundError(f"no {what} at {path}") from None
     except Exception as e:  # pickled code, a truncated file, not a torch file at all
         reason = "truncated, or not a torch file"
         if isinstance(e, pickle.UnpicklingError):
             found = re.search(r"GLOBAL (\S+)", str(e))
             reason = f"it holds pickled code ({found.group(1) if found else 'not plain data'}), which was not run"
-        raise ValueError(f"{path} is not a safe, readable checkpoint: {reason}") from None
+        raise ValueError(f"{path} is not a safe, readable {what}: {reason}") from None
+
+
+def load_checkpoint(path):
+    """A checkpoint of train.py's, loaded safely, or a published network in diffusers' format
+    (a hub name or a folder; see from_pretrained) as one."""
+    path = os.fspath(path)
+    if os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path) \
+            and not path.endswith((".pt", ".pth")):
+        return pretrained.checkpoint(path)
+    ckpt = safe_load(path, path)
     if not isinstance(ckpt, dict) or not {"model_config", "diffusion", "ema", "args"} <= ckpt.keys():
         raise ValueError(f"{path} is a torch file but not a checkpoint written by train.py")
     return ckpt
@@ -237,13 +313,21 @@ def load_checkpoint(path):
 def model_from_checkpoint(ckpt, ema=True):
     """Rebuild the UNet from the config stored in a checkpoint, with its (EMA) weights."""
     try:
-        model = UNet(UNetConfig(**ckpt["model_config"]))
+        model = build_unet(UNetConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
     except (TypeError, RuntimeError) as e:  # another version's config, or weights of another model
         raise ValueError(f"the checkpoint's weights do not fit its model config ({str(e).splitlines()[0]})") from None
     return model
 
 
+def from_pretrained(name_or_folder):
+    """Ho et al.'s network with its published weights (nanoGPT's GPT.from_pretrained): a Hugging
+    Face hub name (google/ddpm-cifar10-32, google/ddpm-ema-church-256, ...), downloaded once into
+    the hub's cache, or a folder in diffusers' format. pretrained.py reads them."""
+    return model_from_checkpoint(load_checkpoint(name_or_folder))
+
+
 def config_dict(config):
     """The config as plain values (lists, not tuples), as checkpoints store it."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+

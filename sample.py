@@ -1,7 +1,7 @@
 """
 Sample from a trained DDPM: a grid PNG, a GIF of the denoising, or many images for FID.
 
-    python sample.py                                    # 8x8 grid, DDIM 100 steps, EMA weights
+    python sample.py                                    # 8x8 grid, SDE-DPM-Solver++ 50 steps, EMA weights
     python sample.py --method ddpm --ema --nrow 4       # ancestral sampling over all T steps
     python sample.py --method dpm --steps 20 --gif out/denoise.gif
     python sample.py --label all --guidance 2           # class-conditional: one row per class
@@ -25,13 +25,15 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import common
-from diffusion import Diffusion
+from diffusion import DEFAULT_ETA, DEFAULT_METHOD, Diffusion
 from model import load_checkpoint, model_from_checkpoint
 
-CKPT = "out/ckpt.pt"  # a training checkpoint or its ema_fp16.pt export
-METHOD = "ddim"  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
-STEPS = None  # None = 100 for ddim, 20 for dpm (fewer for a small T); ddpm always takes T
-ETA = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+CKPT = "out/ckpt.pt"  # a training checkpoint, its ema_fp16.pt export, or a published network (google/ddpm-*, a folder)
+METHOD = DEFAULT_METHOD  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
+STEPS = None  # None = 100 for ddim, 50 for dpm (fewer for a small T); ddpm always takes T
+ETA = DEFAULT_ETA  # ddim and dpm: 0 solves the ODE (deterministic), 1 the SDE (fresh noise each step)
+SPACING = "linear"  # ddim and dpm timesteps: linear | quadratic (dense near t=0) | logsnr (even in log-SNR)
+VARIANCE = None  # ddpm: small (Ho et al.'s posterior beta-tilde) | large (beta_t); None = the model's own
 EMA = True  # sample with the EMA weights
 NROW = 8  # the grid is NROW x NROW images (NROW per class with --label all)
 SEED = 0  # image i is drawn from seed + i
@@ -48,24 +50,27 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
 
 # the flags fid.py takes from here, so that a score is of the images sample.py draws
-SAMPLER = ("METHOD", "STEPS", "ETA", "EMA", "SEED", "LABEL", "GUIDANCE", "BATCH_SIZE", "DEVICE")
+SAMPLER = ("METHOD", "STEPS", "ETA", "SPACING", "VARIANCE", "EMA", "SEED", "LABEL", "GUIDANCE", "BATCH_SIZE",
+           "DEVICE")
 
 
-def add_flags(p, only=None):
-    """A flag per constant above (or per name in `only`), its comment as the help."""
-    return common.add_flags(p, globals(), only=only, METHOD=dict(choices=("ddpm", "ddim", "dpm")),
-                            STEPS=dict(type=int), NUM_SAMPLES=dict(type=int))
+def add_flags(p, only=None, defaults=None):
+    """A flag per constant above (or per name in `only`), its comment the help, its default the constant's."""
+    return common.add_flags(p, globals(), defaults and {**globals(), **defaults}, only,
+                            METHOD=dict(choices=("ddpm", "ddim", "dpm")),
+                            SPACING=dict(choices=("linear", "quadratic", "logsnr")),
+                            VARIANCE=dict(choices=("small", "large")), STEPS=dict(type=int), NUM_SAMPLES=dict(type=int))
 
 
 def check_sampler(p, args):
     """Refuse sampler flags that cannot work together."""
     common.at_least(p, args, 1, "steps", "batch_size")
-    if args.method == "ddpm" and args.steps is not None:
-        p.error("--method ddpm always takes all T steps: use ddim or dpm for fewer")
     if not 0 <= args.eta <= 1:
         p.error("--eta must be between 0 and 1")
-    if args.eta and args.method != "ddim":
-        p.error("--eta applies to --method ddim only")
+    if args.method == "ddpm" and (args.steps is not None or args.eta != 1 or args.spacing != "linear"):
+        p.error("--method ddpm takes every step (all T), with eta 1: --steps, --eta and --spacing are for ddim and dpm")
+    if args.variance and args.method != "ddpm":
+        p.error("--variance applies to --method ddpm (ddim and dpm set theirs with --eta)")
     if not math.isfinite(args.guidance):
         p.error("--guidance must be a finite number")
     if args.guidance != 1 and args.label is None:
@@ -122,13 +127,13 @@ def to_pil_grid(x, nrow):
     return Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze())
 
 
-def generate(diffusion, model, args, indices, labels, callback=None):
-    """Images indices[0..] (each from its own seed), from the sampler args.method picks."""
-    c = model.config
-    shape = (len(indices), c.in_channels, args.image_size, args.image_size)
+def generate(diffusion, model, args, indices, labels, callback=None, **given):
+    """Images indices[0..] (each from its own seed), from the sampler args.method picks; `given`
+    goes to diffusion.sample (an image to start from, and its start or mask, for edit.py)."""
+    shape = (len(indices), model.config.in_channels, args.image_size, args.image_size)
     generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
-    return diffusion.sample(model, shape, args.method, args.steps, args.eta, generator=generators,
-                            y=labels, guidance=args.guidance, callback=callback)
+    return diffusion.sample(model, shape, args.method, args.steps, args.eta, args.spacing, args.variance,
+                            generator=generators, y=labels, guidance=args.guidance, callback=callback, **given)
 
 
 def images(diffusion, model, args, indices, label, device):
@@ -149,8 +154,9 @@ def rounds(first, num_samples, batch_size, world):
                for i in range(start, start + batch_size * world, batch_size)]
 
 
-def sample_grid(diffusion, model, args, label, device):
-    """One grid PNG (and a GIF of the denoising when asked); returns the PNG's path."""
+def sample_grid(diffusion, model, args, label, device, name="sample", **given):
+    """One grid PNG (and a GIF of the denoising when asked), by default name_<method>.png beside
+    the checkpoint; `given` goes to generate. Returns the PNG's path."""
     num_classes = model.config.num_classes
     if label == "all":
         n, nrow = args.nrow * num_classes, args.nrow
@@ -161,30 +167,42 @@ def sample_grid(diffusion, model, args, label, device):
     if n > 1024:  # one batch
         raise ValueError(f"a grid of {n} images is more than one batch should hold: use a smaller "
                          "--nrow, or --num-samples with --npz or --png-dir for many images")
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"sample_{args.method}.png")
+    out = args.out or os.path.join(beside(args.ckpt), f"{name}_{args.method}.png")
     for flag, path in (("--out", out), ("--gif", args.gif)):
         if path:
             common.writable(path, flag)
-    total = args.steps or diffusion.default_steps(args.method)
-    keep = set(np.linspace(0, total - 1, min(total, 80)).round().astype(int).tolist())  # ~80 GIF frames
-    frames, bar = [], tqdm(total=total, desc=f"{args.method} x {n} images", file=sys.stderr)
+    frames, bar = [], tqdm(desc=f"{args.method} x {n} images", unit="step", file=sys.stderr)
 
     def callback(i, steps, x, x0):
+        bar.total = steps
         bar.update(1)
-        if args.gif and i in keep:
+        if args.gif and i in np.linspace(0, steps - 1, min(steps, 80)).round():  # ~80 GIF frames
             frames.append(to_pil_grid(x.clamp(-1, 1), nrow))
 
-    x = generate(diffusion, model, args, range(n), labels, callback)
+    x = generate(diffusion, model, args, range(n), labels, callback, **given)
     bar.close()
-    with common.atomic_write(out) as f:
-        to_pil_grid(x, nrow).save(f, format=Image.registered_extensions()[os.path.splitext(out)[1].lower()])
-    if args.gif:
-        # about 3 s of denoising whatever the step count, then the last frame held for 2 s
-        durations = [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000]
-        with common.atomic_write(args.gif) as f:
-            frames[0].save(f, format="gif", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-        print(args.gif)
+    save_image(to_pil_grid(x, nrow), out)
+    if args.gif:  # about 3 s of denoising whatever the step count, then the last frame held for 2 s
+        save_gif(frames, args.gif, [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000])
     return out
+
+
+def beside(ckpt):
+    """The folder of a checkpoint file or folder, where its grids go; "." for a hub name."""
+    return (os.path.dirname(ckpt) if os.path.exists(ckpt) else "") or "."
+
+
+def save_image(image, path):
+    """A PIL image to `path`, whole or not at all, in the format its extension names."""
+    with common.atomic_write(path) as f:
+        image.save(f, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
+
+
+def save_gif(frames, path, durations):
+    """PIL images as an animated GIF that loops, each shown for its duration (ms)."""
+    with common.atomic_write(path) as f:
+        frames[0].save(f, format="gif", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    print(path)
 
 
 def export(diffusion, model, args, label, device, rank=0, world=1):
@@ -233,8 +251,7 @@ def load(path, args, device):
     if not args.ema and "model" not in ckpt:
         raise ValueError(f"{path} holds only the EMA weights: drop --no-ema")
     model = model_from_checkpoint(ckpt, ema=args.ema).to(device).eval()
-    d = ckpt["diffusion"]
-    diffusion = Diffusion(d["T"], d["schedule"], d["objective"], device)
+    diffusion = Diffusion(**ckpt["diffusion"], device=device)  # a published network's: its variance and clipping too
     if args.steps is not None and args.steps > diffusion.T:
         raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
     args.image_size = ckpt["args"]["image_size"]

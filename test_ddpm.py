@@ -6,6 +6,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -20,17 +21,19 @@ from PIL import Image
 
 import common
 import data
+import edit
 import fid
 import sample
 import train
-from diffusion import Diffusion, cosine_betas, linear_betas, timesteps
+import model
+from diffusion import Diffusion, cosine_betas, linear_betas, randn
 from model import UNet, UNetConfig, load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-SCRIPT = {name: os.path.join(REPO, name) for name in ("train.py", "sample.py")}
+SCRIPT = {name: os.path.join(REPO, name) for name in ("train.py", "sample.py", "edit.py")}
 TINY = ["--channels", "8,16", "--attention", "0,1", "--num-res", "1", "--neck-length", "1",
         "--time-emb-dim", "16", "--timesteps", "20", "--batch-size", "8", "--log-every", "1",
-        "--device", "cpu", "--sample-steps", "2", "--warmup-steps", "2"]
+        "--device", "cpu", "--warmup-steps", "2"]
 
 
 
@@ -100,14 +103,6 @@ def test_cosine_schedule_is_monotone_and_capped():
     assert alpha_bar[0] > 0.9999 and alpha_bar[-1] < 1e-4
 
 
-def test_posterior_variance_matches_ho_et_al():
-    d = Diffusion(50, "linear")
-    t = 10
-    expected = d.betas[t] * (1 - d.alpha_bar[t - 1]) / (1 - d.alpha_bar[t])
-    assert d.posterior_variance[t].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert d.posterior_variance[0].item() == 0
-
-
 def test_q_sample_has_the_right_mean_and_std():
     torch.manual_seed(0)
     d = Diffusion(1000, "cosine")
@@ -118,14 +113,70 @@ def test_q_sample_has_the_right_mean_and_std():
     assert xt.std().item() == pytest.approx(d.sqrt_one_minus_alpha_bar[600].item(), abs=0.02)
 
 
+def test_forward_jumps_keep_the_marginals_of_q():
+    # x_s ~ q(x_s | x0), then jump(s -> t) must be distributed as q(x_t | x0) (RePaint's resampling)
+    torch.manual_seed(0)
+    d, x0 = Diffusion(1000), torch.full((40000, 1, 1, 1), 0.5)
+    for s, t in ((-1, 300), (100, 200), (250, 500)):
+        xs = x0 if s < 0 else d.q_sample(x0, torch.full((40000,), s), torch.randn_like(x0))
+        xt = d.jump(xs, s, t, torch.Generator().manual_seed(s + 1))
+        assert xt.mean().item() == pytest.approx(0.5 * d.sqrt_alpha_bar[t].item(), abs=0.01)
+        assert xt.std().item() == pytest.approx(d.sqrt_one_minus_alpha_bar[t].item(), abs=0.01)
+
+
+def test_ddpm_variances_are_ho_et_al_small_and_large():
+    d, betas = Diffusion(50, "linear"), linear_betas(50)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    for t in (1, 10, 49):  # eq. 7's beta-tilde, and beta_t
+        expected = betas[t] * (1 - alpha_bar[t - 1]) / (1 - alpha_bar[t])
+        assert d.sigma2["small"][t].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert d.sigma2["large"][t].item() == d.betas[t].item()
+    assert d.sigma2["small"][0].item() == 0  # Ho et al.'s code: "large" starts with beta-tilde at t = 1
+    assert d.sigma2["large"][0].item() == pytest.approx(d.sigma2["small"][1].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_sampler_adds_the_chosen_variance(variance):
+    # x* = 0: the predicted x0 is 0, so the first step is coef_xt x_T + sigma z, with z the next draw
+    d, shape, first = Diffusion(50), (2, 1, 4, 4), []
+    record = lambda i, steps, x, x0: first.append(x) if i == 0 else None
+    d.ddpm_sample(Oracle(d, torch.zeros(1, 1, 4, 4)), shape, variance, torch.Generator().manual_seed(0),
+                  callback=record)
+    g = torch.Generator().manual_seed(0)
+    x_T, z = randn(shape, g), randn(shape, g)
+    sigma = (d.betas[49] if variance == "large" else d.posterior_variance[49]).sqrt()
+    assert torch.allclose(first[0], d.posterior_coef_xt[49] * x_T + sigma * z, atol=1e-6)
+    assert Diffusion(50, variance=variance).variance == variance  # the model's own, when not told
+
+
 def test_timesteps_start_at_T_minus_1_and_end_at_0():
-    for steps in (1, 2, 7, 50):
-        ts = timesteps(50, steps)
-        assert ts[0] == 49 and len(ts) == steps and len(set(ts)) == steps
-        assert steps == 1 or ts[-1] == 0
-    assert timesteps(50, 50) == list(range(49, -1, -1))
+    d = Diffusion(50)
+    for spacing in ("linear", "quadratic", "logsnr"):
+        for steps in (1, 2, 7, 49, 50):
+            ts = d.timesteps(steps, spacing)
+            assert ts[0] == 49 and len(ts) == steps and ts == sorted(set(ts), reverse=True)
+            assert steps == 1 or ts[-1] == 0
+        assert d.timesteps(50, spacing) == list(range(49, -1, -1))
     with pytest.raises(ValueError):
-        timesteps(50, 51)
+        d.timesteps(51)
+    with pytest.raises(ValueError, match="unknown spacing"):
+        d.timesteps(5, "cubic")
+
+
+def test_linear_spacing_is_the_evenly_rounded_linspace_of_before():
+    for T in (20, 37, 1000):
+        d = Diffusion(T)
+        for steps in range(1, min(T, 120) + 1):
+            assert d.timesteps(steps) == torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
+def test_quadratic_and_logsnr_spacings_are_what_they_say():
+    d = Diffusion(1000)
+    quadratic = d.timesteps(10, "quadratic")  # t_i = (T-1) (i / 9)^2, Song et al. App. D.2
+    assert quadratic == [round(999 * (i / 9) ** 2) for i in range(9, -1, -1)]
+    ts = d.timesteps(20, "logsnr")  # even steps in lambda = log(alpha / sigma), as far as integers allow:
+    steps = torch.diff(d.lam[ts])  # near t = 0 one step of t moves lambda by more than 0.2
+    assert steps.min() > 0 and (steps[:15].max() - steps[:15].min()) / steps[:15].mean() < 0.05
 
 
 # ---------------------------------------------------------------- samplers against an exact model
@@ -201,7 +252,7 @@ def test_ddpm_sampler_keeps_the_marginals_of_gaussian_data(schedule):
     # which tests the posterior mean and variance (eq. 6-7) at every step, not just the last x0
     d, c, stds = Diffusion(1000, schedule), 0.25, {}
     record = lambda i, steps, x, x0: stds.update({d.T - 2 - i: x.std()})  # x is now x_{t-1}
-    x = d.ddpm_sample(gaussian_eps(d, c), (64, 1, 16, 16), torch.Generator().manual_seed(0), callback=record)
+    x = d.ddpm_sample(gaussian_eps(d, c), (64, 1, 16, 16), generator=torch.Generator().manual_seed(0), callback=record)
     for t in (899, 499, 199, 49, 0):
         assert abs(stds[t] / (d.alpha_bar[t] * c ** 2 + 1 - d.alpha_bar[t]).sqrt() - 1) < 0.02, t
     assert abs(x.std() / c - 1) < 0.02
@@ -218,6 +269,26 @@ def test_dpm_solver_is_second_order_on_gaussian_data(schedule):
                                             generator=torch.Generator().manual_seed(0)) - exact).pow(2).mean()
     assert error("dpm", 40) < error("dpm", 20) / 8  # MSE of a 2nd-order solver: 16x less for half the step
     assert error("dpm", 20) < error("ddim", 20) and error("dpm", 40) < error("ddim", 40)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_dpm_solver_and_its_sde_form_equal_diffusers_given_the_same_noise(order, eta):
+    from diffusers import DPMSolverMultistepScheduler
+    d, steps, shape = Diffusion(1000, clip=False), 20, (4, 1, 8, 8)
+    model = gaussian_eps(d, 0.5)
+    ours = d.dpm_sample(model, shape, steps, eta, order=order, generator=torch.Generator().manual_seed(0))
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                            algorithm_type="sde-dpmsolver++" if eta else "dpmsolver++",
+                                            solver_order=order, final_sigmas_type="zero")
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == d.timesteps(steps + 1)[:-1]  # the same grid
+    g = torch.Generator().manual_seed(0)
+    x = randn(shape, g)
+    for i, t in enumerate(scheduler.timesteps):
+        noise = randn(shape, g) if eta and i + 1 < steps else torch.zeros(shape)  # the last step adds none
+        x = scheduler.step(model(x, t.expand(shape[0])), t, x, variance_noise=noise).prev_sample
+    assert torch.allclose(ours, x, atol=1e-5), (ours - x).abs().max()
 
 
 def test_per_image_seeds_do_not_depend_on_the_batch():
@@ -701,7 +772,6 @@ def trained(tmp_path_factory):
     (["--grad-clip", "-1"], "--grad-clip must be above 0"),
     (["--ema-decay", "2"], "--ema-decay must be at least 0 and below 1"),
     (["--image-size", "0"], "--image-size must be at least 1"),
-    (["--timesteps", "20", "--sample-steps", "30"], "--sample-steps 30 is more than --timesteps 20"),
     (["--lr", "0"], "--lr must be above 0"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
     (["--workers", "-1"], "--workers must be 0 or more"),
@@ -710,16 +780,18 @@ def trained(tmp_path_factory):
     (["--data-dir", "my_images"], "--data-dir has no use with the embedded mnist5k"),
     (["--device", "bogus"], "unknown --device 'bogus'"),
     (["--device", "cuda:99"], "this machine has no such device"),
-    (["--timesteps", "1", "--sample-steps", "1"], "--timesteps) must be at least 2"),
+    (["--timesteps", "1"], "--timesteps) must be at least 2"),
     (["--batch-size", "100000", "--channels", "8", "--attention", "0"], "too few for --batch-size"),
 ])
 def test_bad_training_input_is_one_line(capsys, tmp_path, argv, expected):
     assert expected in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--device", "cpu", *argv])
 
 
-def test_the_default_grid_steps_fit_a_small_T():
-    assert train.parse_args(["--timesteps", "20"]).sample_steps == 20
-    assert train.parse_args(["--timesteps", "200"]).sample_steps == 50
+def test_training_grids_are_what_sample_py_draws_by_default(tmp_path):
+    train.main(["--out-dir", str(tmp_path), "--max-steps", "2", *TINY])
+    grid = sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--nrow", "4", "--out", str(tmp_path / "g.png")])
+    watched = np.asarray(Image.open(tmp_path / "samples" / "step_0000002.png")).astype(int)
+    assert np.abs(watched - np.asarray(Image.open(grid))).max() <= 1  # (rounded to uint8 in two ways)
 
 
 def test_empty_or_imageless_folders_are_one_line(capsys, tmp_path):
@@ -779,7 +851,7 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     argv = ["--out-dir", str(tmp_path / "old"), "--resume", "--max-steps", "2"]
     assert "does not fit this train.py ('rng')" in one_line_error(capsys, train.main, argv)
     argv = ["--out-dir", str(trained), "--resume", "--channels", "8,32"]
-    assert "--channels ([8, 16] there, (8, 32) here)" in one_line_error(capsys, train.main, argv)
+    assert "--channels (8,16 there, 8,32 here)" in one_line_error(capsys, train.main, argv)
     write_images(tmp_path / "rgb", ["a.png", "b.png"], (28, 28))
     argv = ["--out-dir", str(trained), "--resume", "--max-steps", "2", "--dataset", "folder",
             "--data-dir", str(tmp_path / "rgb")]
@@ -800,12 +872,16 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "-3"], "--steps must be at least 1"),
     (["--steps", "21"], "more than the model's T=20"),
-    (["--method", "ddpm", "--steps", "10"], "always takes all T steps"),
+    (["--method", "ddpm", "--steps", "10"], "--method ddpm takes every step (all T)"),
     (["--eta", "1.5"], "--eta must be between 0 and 1"),
     (["--eta", "-0.5"], "--eta must be between 0 and 1"),
     (["--eta", "nan"], "--eta must be between 0 and 1"),
     (["--label", "0", "--guidance", "nan"], "--guidance must be a finite number"),
-    (["--method", "dpm", "--eta", "0.5"], "--eta applies to --method ddim only"),
+    (["--method", "ddpm", "--eta", "0.5"], "--method ddpm takes every step (all T), with eta 1"),
+    (["--method", "ddpm", "--spacing", "logsnr"], "--method ddpm takes every step (all T), with eta 1"),
+    (["--method", "ddim", "--variance", "large"], "--variance applies to --method ddpm"),
+    (["--spacing", "cubic"], "invalid choice: 'cubic'"),
+    (["--variance", "huge"], "invalid choice: 'huge'"),
     (["--guidance", "2"], "--guidance needs --label"),
     (["--num-samples", "3"], "--num-samples needs --npz and/or --png-dir"),
     (["--first", "5"], "--first need --num-samples"),
@@ -846,7 +922,8 @@ def test_checkpoints_that_do_not_fit_their_config_are_one_line(capsys, tmp_path,
 
 def test_sampling_bad_files_are_one_line(capsys, tmp_path):
     assert "no checkpoint at" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "none.pt")])
-    assert "is a folder: give the checkpoint file" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path)])
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path)])
+    assert "is a folder without a config.json (nor unet/config.json): give a checkpoint file, e.g." in message
     (tmp_path / "notes.pt").write_text("just some text")
     assert "not a safe, readable checkpoint" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "notes.pt")])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
@@ -932,8 +1009,8 @@ def test_torchrun_export_shares_the_images_out_and_matches_one_process(tmp_path,
 
 def test_default_steps_fit_a_model_with_small_T(tmp_path, trained):
     d, model = Diffusion(20), Oracle(Diffusion(20), torch.zeros(1, 1, 4, 4))
-    assert d.sample(model, (1, 1, 4, 4), "dpm").shape == (1, 1, 4, 4)  # 19 steps, not 20
-    for method in ("ddim", "dpm"):  # 100 and 20 by default; this model has T = 20
+    assert d.sample(model, (1, 1, 4, 4), "dpm").shape == (1, 1, 4, 4)  # 19 steps, not 50
+    for method in ("ddim", "dpm"):  # 100 and 50 by default; this model has T = 20
         path = sample.main(["--ckpt", str(trained / "ckpt.pt"), "--method", method, "--nrow", "2",
                             "--out", str(tmp_path / f"{method}.png")])
         assert Image.open(path).size == (2 * 28 + 3 * 2, 2 * 28 + 3 * 2)
@@ -1150,7 +1227,7 @@ def test_dpm_solver_20_steps_is_closer_to_the_ode_than_ddim_20(tmp_path):
                 "--num-res", "1", "--neck-length", "1", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu",
                 "--warmup-steps", "20", "--log-every", "100", "--sample-every", "1000"])
     ckpt = load_checkpoint(out / "ckpt.pt")
-    model = train.UNet(UNetConfig(**ckpt["model_config"]))
+    model = UNet(UNetConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"])
     model.eval()
     d = Diffusion(1000)
@@ -1235,7 +1312,7 @@ def test_fid_bad_input_is_one_line(capsys, tmp_path, trained, inception_weights,
     np.savez(tmp_path / "one.npz", np.zeros((1, 28, 28, 1), np.uint8))
     np.savez(tmp_path / "small.npz", np.zeros((4, 16, 16, 1), np.uint8))
     for argv, expected in [
-        (["--ckpt", str(tmp_path / "none.pt")], "no checkpoint at --ckpt"),
+        (["--ckpt", str(tmp_path / "none.pt")], "no checkpoint at"),
         (["--ckpt", str(tmp_path / "*.pt")], "no checkpoint at --ckpt"),
         (["--npz", str(tmp_path / "none.npz"), "--ref", "mnist5k"], "no such file or folder"),
         (["--ckpt", str(trained / "ckpt.pt"), "--ref", str(tmp_path / "none")], "not a dataset (mnist5k, mnist"),
@@ -1253,6 +1330,286 @@ def test_fid_bad_input_is_one_line(capsys, tmp_path, trained, inception_weights,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # and no weights downloaded before
     message = one_line_error(capsys, fid.main, ["--ckpt", str(trained / "ckpt.pt"), "--device", "cpu"])
     assert "could not download the Inception weights" in message and "give --weights FILE" in message
+
+
+# ---------------------------------------------------------------- Ho et al.'s published networks
+
+# the configs of google/ddpm-cifar10-32 and google/ddpm-*-256 (the latter tested at 64 px, to stay fast)
+HO_CIFAR10 = dict(_class_name="UNet2DModel", act_fn="silu", attention_head_dim=None, block_out_channels=[128, 256, 256, 256],
+                  center_input_sample=False, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                  downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, in_channels=3, layers_per_block=2,
+                  mid_block_scale_factor=1, norm_eps=1e-06, norm_num_groups=32, out_channels=3, sample_size=32,
+                  time_embedding_type="positional", up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
+HO_256 = dict(HO_CIFAR10, block_out_channels=[128, 128, 256, 256, 512, 512], sample_size=64,
+              down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+              up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4)
+
+
+def diffusers_folder(folder, config, variance="fixed_large", weights="safetensors", rename=None, seed=0):
+    """A random-weight diffusers UNet2DModel of `config` (and a DDPM scheduler) saved as the hub's
+    tools leave it, weights scaled up from its near-zero initialisation; returns the network."""
+    from diffusers import DDPMScheduler, UNet2DModel
+    torch.manual_seed(seed)
+    net = UNet2DModel(**{k: v for k, v in config.items() if k != "_class_name"}).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    if weights == "safetensors":
+        net.save_pretrained(folder)
+    else:  # a .bin, named as diffusers did before 0.14 where `rename` says so
+        net.save_config(folder)
+        state = {rename(k) if rename else k: v for k, v in net.state_dict().items()}
+        torch.save(state, os.path.join(folder, "diffusion_pytorch_model.bin"))
+    DDPMScheduler(variance_type=variance, clip_sample=True).save_pretrained(folder)
+    return net
+
+
+@pytest.fixture(scope="module")
+def ho_cifar10(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddpm-cifar10-32")
+    return folder, diffusers_folder(folder, HO_CIFAR10)
+
+
+@pytest.mark.parametrize("config", ["cifar10", "256 at 64 px"])
+def test_ho_unet_equals_diffusers_on_random_weights_of_each_published_config(tmp_path, config, ho_cifar10):
+    folder, reference = ho_cifar10 if config == "cifar10" else (tmp_path, diffusers_folder(tmp_path, HO_256))
+    ours = model.from_pretrained(str(folder)).eval()
+    assert isinstance(ours, model.HoUNet)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
+    x = torch.randn(2, 3, *[reference.config.sample_size] * 2, generator=torch.Generator().manual_seed(1))
+    for t in (0, 500, 999):
+        with torch.no_grad():
+            theirs, mine = reference(x, torch.full((2,), t)).sample, ours(x, torch.full((2,), t))
+        assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), t
+
+
+def test_the_ho_cifar10_preset_is_their_35_7m_network_and_ours_keep_their_size():
+    sizes = {name: sum(p.numel() for p in model.build_unet(train.unet_config(train.parse_args(
+        ["--preset" if name.startswith("ho") else "--dataset", name]), 3)).parameters()) for name in
+        ("ho-cifar10", "cifar10", "celeba")}
+    assert sizes == {"ho-cifar10": 35_746_307, "cifar10": 18_663_107, "celeba": 95_257_155}  # as before HoUNet
+    args = train.parse_args(["--preset", "ho-cifar10"])
+    assert (args.dataset, args.layout, args.dropout, args.lr, args.batch_size, args.warmup_steps, args.variance) == \
+        ("cifar10", "ho", 0.1, 2e-4, 128, 5000, "large")
+
+
+def test_old_attention_names_in_a_bin_load_to_the_same_network(tmp_path, ho_cifar10):
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    rename = lambda key: re.sub(r"to_q|to_k|to_v|to_out\.0", lambda m: old[m.group(0)], key)
+    diffusers_folder(tmp_path, HO_CIFAR10, weights="bin", rename=rename)
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    a, b = model.from_pretrained(str(tmp_path)), model.from_pretrained(str(ho_cifar10[0]))
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_a_pipeline_folder_loads_with_its_scheduler_settings(tmp_path, ho_cifar10):
+    shutil.copytree(ho_cifar10[0], tmp_path / "unet")  # diffusers' pipeline layout: unet/ and scheduler/
+    (tmp_path / "scheduler").mkdir()
+    shutil.move(tmp_path / "unet" / "scheduler_config.json", tmp_path / "scheduler" / "scheduler_config.json")
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["diffusion"] == {"T": 1000, "schedule": "linear", "objective": "eps", "variance": "large", "clip": True}
+    assert ckpt["args"]["image_size"] == 32 and ckpt["model_config"]["layout"] == "ho"
+
+
+def test_sample_py_on_a_diffusers_folder_draws_what_the_ddim_formula_gives(tmp_path, ho_cifar10):
+    folder, net = ho_cifar10
+    out = sample.main(["--ckpt", str(folder), "--method", "ddim", "--steps", "3", "--eta", "0", "--nrow", "2",
+                       "--seed", "5", "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
+    grid = np.asarray(Image.open(out))
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()
+    for i in range(4):  # image i from seed 5 + i, through diffusers' network and eq. 12, x0 clipped
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(5 + i))
+        for t, s in ((999, 500), (500, 0), (0, None)):
+            a, a_s = alpha_bar[t], alpha_bar[s] if s is not None else torch.tensor(1.0)
+            with torch.no_grad():
+                eps = net(x, torch.tensor([t])).sample
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            x = a_s.sqrt() * x0 + (1 - a_s).sqrt() * (x - a.sqrt() * x0) / (1 - a).sqrt()
+        expected = ((x[0] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 0).numpy()
+        row, col = divmod(i, 2)
+        drawn = grid[2 + row * 34:2 + row * 34 + 32, 2 + col * 34:2 + col * 34 + 32]
+        assert np.abs(drawn.astype(float) - expected).max() <= 1, i
+
+
+def test_init_from_a_diffusers_folder_fine_tunes_and_writes_ordinary_checkpoints(tmp_path, capsys):
+    small = dict(HO_CIFAR10, block_out_channels=[128, 128], layers_per_block=1, sample_size=16,
+                 down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+    diffusers_folder(tmp_path / "net", small)  # Ho's layout, small enough for a few CPU steps
+    write_images(tmp_path / "imgs", [f"{i:02d}.png" for i in range(6)], (40, 40))
+    out = tmp_path / "out"
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--init-from", str(tmp_path / "net"),
+            "--out-dir", str(out), "--batch-size", "2", "--max-steps", "1", "--device", "cpu", "--sample-every", "100"]
+    model_, ema = train.main(argv)
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["model_config"]["layout"] == "ho" and ckpt["args"]["image_size"] == 16  # the network's own
+    assert ckpt["diffusion"]["variance"] == "large"
+    start = model.from_pretrained(str(tmp_path / "net"))
+    moved = max((v - model_.state_dict()[k]).abs().max().item() for k, v in start.state_dict().items())
+    assert 0 < moved < 1e-4  # one warm-up step (lr 2e-7) from the published weights, not a fresh init
+    train.main(argv[:-4] + ["--max-steps", "2", "--resume"])
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] == 2
+    grid = sample.main(["--ckpt", str(out / "ckpt.pt"), "--steps", "2", "--nrow", "1", "--device", "cpu"])
+    assert Image.open(grid).size == (16, 16)
+    message = one_line_error(capsys, train.main, ["--init-from", str(tmp_path / "net"), "--channels", "8,16",
+                                                  "--out-dir", str(tmp_path / "o2"), "--device", "cpu"])
+    assert "--channels is the network's own with --init-from" in message
+    message = one_line_error(capsys, train.main, ["--init-from", str(tmp_path / "net"), "--out-dir", str(tmp_path / "o3"),
+                                                  "--image-size", "28", "--device", "cpu"])
+    assert "is a network for other images (in_channels 3 there, 1 here)" in message
+
+
+def test_a_bin_that_holds_pickled_code_is_refused_and_not_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "config.json").write_text(json.dumps(HO_CIFAR10))
+    torch.save({"conv_in.weight": Evil()}, tmp_path / "net" / "diffusion_pytorch_model.bin")
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "net")])
+    assert "diffusion_pytorch_model.bin is not a safe, readable weights file: it holds pickled code" in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (None, "is a folder without a config.json (nor unet/config.json)"),
+    (dict(_class_name="UNet2DConditionModel", cross_attention_dim=768), "is a UNet2DConditionModel: only pixel-space"),
+    (dict(freq_shift=0, norm_eps=1e-5), "not in Ho et al.'s layout (freq_shift 0, not 1; norm_eps 1e-05, not 1e-06)"),
+    (dict(attention_head_dim=32, out_channels=6), "attention_head_dim 32, not None; 3 channels in, 6 out"),
+    ("latent", "is a latent diffusion pipeline (it has a vqvae): only pixel-space UNet2DModel networks"),
+    (dict(sample_size=36), "image size 36 cannot be halved 3 times"),
+])
+def test_networks_not_in_ho_layout_are_refused_in_one_line(tmp_path, capsys, change, expected):
+    (tmp_path / "net").mkdir()
+    if change == "latent":  # a pipeline whose UNet works on an autoencoder's latents
+        (tmp_path / "net" / "model_index.json").write_text(json.dumps({"unet": [], "vqvae": [], "scheduler": []}))
+        (tmp_path / "net" / "unet").mkdir()
+        (tmp_path / "net" / "unet" / "config.json").write_text(json.dumps(HO_CIFAR10))
+    elif change is not None:
+        (tmp_path / "net" / "config.json").write_text(json.dumps({**HO_CIFAR10, **change}))
+    assert expected in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "net")])
+
+
+def test_a_hub_name_without_network_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, SCRIPT["sample.py"], "--ckpt", "google/ddpm-cifar10-32"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: could not download google/ddpm-cifar10-32 from the Hugging Face hub")
+
+
+# ---------------------------------------------------------------- editing images (edit.py)
+
+def digit_files(folder):
+    """Two real 28 x 28 digits (a 3 and a 7 from mnist5k) as PNGs, and a mask of the lower half."""
+    folder.mkdir(exist_ok=True)
+    digits = data.load_dataset("mnist5k").images
+    for name, i in (("three.png", 1500), ("seven.png", 3500)):
+        Image.fromarray(digits[i, 0].numpy()).save(folder / name)
+    mask = np.zeros((28, 28), np.uint8)
+    mask[14:] = 255  # white: redraw
+    Image.fromarray(mask).save(folder / "mask.png")
+    return [str(folder / name) for name in ("three.png", "seven.png", "mask.png")]
+
+
+def tiles(path, n, size=28):
+    """The n x n images of a grid PNG (saved as RGB), grey uint8."""
+    grid = np.asarray(Image.open(path).convert("L"))
+    return [grid[2 + r * (size + 2):2 + r * (size + 2) + size, 2 + c * (size + 2):2 + c * (size + 2) + size]
+            for r in range(n) for c in range(n)]
+
+
+def test_inpainting_keeps_the_known_pixels_exactly_and_redraws_the_rest(tmp_path, trained):
+    three, _, mask = digit_files(tmp_path / "in")
+    out = edit.main(["--ckpt", str(trained / "ckpt.pt"), "--image", three, "--mask", mask, "--nrow", "2",
+                     "--steps", "6", "--jump-length", "2", "--jump-n-sample", "3", "--out", str(tmp_path / "i.png")])
+    original = np.asarray(Image.open(three))
+    for tile in tiles(out, 2):
+        assert np.array_equal(tile[:14], original[:14])  # kept, to the last uint8 level
+        assert (tile[14:] != original[14:]).mean() > 0.5  # redrawn
+
+
+def test_repaint_goes_back_jump_length_steps_jump_n_sample_times():
+    d, calls = Diffusion(50), []
+    model = Oracle(d, torch.zeros(1, 1, 4, 4))
+    d.repaint_sample(model, (1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), steps=20,
+                     jump_length=5, jump_n_sample=3, callback=lambda i, n, x, x0: calls.append(n))
+    assert model.calls == len(calls) == calls[0] == 20 + 3 * 2 * 5  # back from 15, 10, 5 (not 0) steps left, twice
+
+
+def test_variations_move_further_from_the_image_as_strength_grows():
+    d, c = Diffusion(1000), 0.5
+    image = c * torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    distance = [(d.sample(gaussian_eps(d, c), (16, 1, 16, 16), "ddim", 20, 1.0, x0=image, start=start,
+                          generator=torch.Generator().manual_seed(1)) - image).pow(2).mean().item()
+                for start in (-1, 29, 99, 199, 999)]  # strength 0, 0.03, 0.1, 0.2, 1
+    assert distance[0] == 0 and distance == sorted(distance) and distance[-1] > 10 * distance[1], distance
+
+
+def test_variations_at_strength_0_give_the_image_back(tmp_path, trained):
+    three, _, _ = digit_files(tmp_path / "in")
+    out = edit.main(["--ckpt", str(trained / "ckpt.pt"), "--image", three, "--strength", "0", "--nrow", "1",
+                     "--out", str(tmp_path / "v.png")])
+    assert np.array_equal(np.asarray(Image.open(out).convert("L")), np.asarray(Image.open(three)))  # --nrow 1
+    out = edit.main(["--ckpt", str(trained / "ckpt.pt"), "--image", three, "--strength", "0.5", "--nrow", "2",
+                     "--steps", "3", "--out", str(tmp_path / "v2.png")])
+    assert Image.open(out).size == (2 * 28 + 3 * 2,) * 2
+
+
+def test_ddim_inversion_round_trip_error_falls_with_more_steps():
+    d, c = Diffusion(1000), 0.5
+    x0 = c * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    error = lambda steps: (d.ddim_sample(gaussian_eps(d, c), x0.shape, steps, x=d.ddim_invert(gaussian_eps(d, c), x0, steps))
+                           - x0).abs().mean()
+    assert error(100) < error(10) / 3
+
+
+def test_slerp_keeps_the_norm_where_lerp_shrinks_it():
+    a, b = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    middle = edit.slerp(a, b, 0.5)
+    assert abs(middle.norm() / a.norm() - 1) < 0.02 and abs(((a + b) / 2).norm() / a.norm() - 0.71) < 0.03
+    assert torch.allclose(edit.slerp(a, b, torch.tensor(0.0)), a, atol=1e-5)
+    assert torch.allclose(edit.slerp(a, b, torch.tensor(1.0)), b, atol=1e-5)
+
+
+def test_interpolation_writes_a_strip_and_a_gif_and_reports_the_round_trip(tmp_path, trained, capsys):
+    three, seven, _ = digit_files(tmp_path / "in")
+    out = edit.main(["--ckpt", str(trained / "ckpt.pt"), "--image", three, "--image", seven, "--frames", "5",
+                     "--steps", "4", "--out", str(tmp_path / "s.png"), "--gif", str(tmp_path / "s.gif")])
+    assert Image.open(out).size == (5 * 28 + 6 * 2, 28 + 2 * 2)
+    assert Image.open(tmp_path / "s.gif").n_frames == 8  # there and back
+    assert "inversion round trip at 4 steps: mean |error|" in capsys.readouterr().err
+
+
+def test_edits_of_a_class_conditional_model_take_a_label(tmp_path):
+    train.main(["--out-dir", str(tmp_path / "out"), "--max-steps", "1", "--class-cond", *TINY])
+    three, seven, mask = digit_files(tmp_path / "in")
+    ckpt = ["--ckpt", str(tmp_path / "out" / "ckpt.pt"), "--label", "3", "--guidance", "2", "--steps", "2"]
+    for argv in (["--image", three, "--nrow", "1"], ["--image", three, "--mask", mask, "--jump-n-sample", "1"],
+                 ["--image", three, "--image", seven, "--frames", "2"]):
+        assert os.path.exists(edit.main(ckpt + argv + ["--out", str(tmp_path / "e.png")]))
+
+
+def test_bad_edit_input_is_one_line(capsys, tmp_path, trained):
+    three, seven, mask = digit_files(tmp_path / "in")
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("L", (28, 40)).save(tmp_path / "tall.png")
+    ckpt = ["--ckpt", str(trained / "ckpt.pt"), "--steps", "2"]
+    for argv, expected in [
+        (["--image", str(tmp_path / "none.png")], "--image " + str(tmp_path / "none.png") + ": no such file"),
+        (["--image", str(tmp_path / "text.png")], "not an image that can be read"),
+        (["--image", three, "--mask", str(tmp_path / "tall.png")], "is 28x40 and --image"),
+        (["--image", three, "--strength", "1.5"], "--strength must be between 0 and 1"),
+        (["--image", three, "--mask", mask, "--strength", "0.5"], "--mask and --strength edit one image"),
+        (["--image", three, "--frames", "4"], "--frames needs two images"),
+        ([], "give --image once"),
+        (["--image", three, "--image", seven, "--image", three], "give --image once"),
+        (["--image", three, "--mask", mask, "--method", "dpm"], "inpainting takes --method ddim or ddpm"),
+        (["--image", three, "--image", seven, "--method", "dpm"], "interpolation runs DDIM both ways"),
+        (["--image", three, "--image", seven, "--frames", "1"], "--frames must be at least 2"),
+    ]:
+        assert expected in one_line_error(capsys, edit.main, ckpt + argv), argv
 
 
 # ---------------------------------------------------------------- speed tooling

@@ -6,6 +6,8 @@ Train a DDPM. Each preset sets the model and optimisation for a dataset; flags o
     python train.py --dataset celeba                  # from ./data/celeba/img_align_celeba/
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10   # DDP, 8 GPUs
     python train.py --resume                          # continue out/ckpt.pt
+    python train.py --preset ho-cifar10               # Ho et al.'s CIFAR-10 network and recipe
+    python train.py --dataset folder --data-dir DIR --init-from google/ddpm-ema-church-256   # fine-tune
 
 Writes out/ckpt.pt (everything needed to resume or sample), out/samples/step_*.png (a
 fixed-seed EMA grid), out/log.csv (the logged values) and, at the end, out/ema_fp16.pt (EMA
@@ -29,16 +31,19 @@ from torchvision.utils import save_image
 
 import common
 from data import DATASETS, batches, load_dataset, random_hflip
-from diffusion import Diffusion
-from model import UNet, UNetConfig, check_image_size, config_dict, load_checkpoint
+from diffusion import DEFAULT_ETA, DEFAULT_METHOD, Diffusion
+from model import UNetConfig, build_unet, check_image_size, config_dict, load_checkpoint
 
 # data
 DATASET = "mnist5k"  # mnist5k | mnist | cifar10 | celeba | folder
+PRESET = None  # the model and optimisation of a preset (below); None = the dataset's
 DATA_DIR = None  # folder: the images; mnist, cifar10, celeba: where they are or download to (default ./data)
 IMAGE_SIZE = None  # None = the dataset's own (28 mnist, 32 cifar10, 64 celeba / folder)
 CLASS_COND = False  # condition on labels (mnist5k, mnist, cifar10, folder of class sub-folders)
 LABEL_DROPOUT = 0.1  # with CLASS_COND: how often a label becomes "no label" (for guidance)
 # model (see model.UNetConfig)
+INIT_FROM = None  # fine-tune a network: a checkpoint, a hub name (google/ddpm-ema-church-256) or a folder
+LAYOUT = "ours"  # ours | ho (Ho et al.'s wiring of the blocks)
 CHANNELS = (64, 128, 256, 256)  # width per level, e.g. 32,64,64
 ATTENTION = (False, False, True, True)  # self-attention per level, e.g. 0,0,1
 NUM_RES = 2  # residual blocks per level
@@ -49,6 +54,7 @@ DROPOUT = 0.1  # in every residual block
 TIMESTEPS = 1000  # T
 SCHEDULE = "linear"  # linear | cosine
 OBJECTIVE = "eps"  # eps | v | x0: what the network predicts
+VARIANCE = "small"  # the ddpm sampler's, for sample.py: small (beta-tilde_t) | large (beta_t, Ho et al.'s CIFAR-10)
 LOSS = "mse"  # mse | l1
 MIN_SNR = 0.0  # min-SNR-gamma loss weighting (5 is the paper's choice); 0 = off
 # optimisation
@@ -70,8 +76,7 @@ SEED = 0  # initial weights and data order (the same on every rank), noise (each
 # output
 OUT_DIR = "out"  # ckpt.pt, ckpt.prev.pt, ema_fp16.pt, samples/, log.csv
 LOG_EVERY = 100  # steps between log lines
-SAMPLE_EVERY = 5000  # steps between EMA sample grids (DDIM, eta 1, SAMPLE_STEPS steps, fixed seed)
-SAMPLE_STEPS = 50  # DDIM steps for those grids
+SAMPLE_EVERY = 5000  # steps between EMA sample grids (sample.py's default sampler, fixed seed)
 SAVE_EVERY = 5000  # steps between checkpoints
 KEEP_EVERY = 0  # keep the EMA weights of every Nth step as OUT_DIR/snapshots/ema_<step>.pt (fp16); 0 = none
 RESUME = False  # continue from OUT_DIR/ckpt.pt
@@ -86,9 +91,6 @@ PRESETS = {
     "mnist5k": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
                     dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
                     max_steps=2000, log_every=50, sample_every=250, save_every=250),
-    "mnist": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
-                  dropout=0.0, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay=True,
-                  max_steps=10_000, sample_every=1000, save_every=1000),
     # the reference CIFAR-10 (32x32) and CelebA (64x64) configurations, for a GPU
     "cifar10": dict(channels=(64, 128, 256, 256), attention=(False, False, True, True), num_res=2,
                     batch_size=100, schedule="cosine", timesteps=1000, dropout=0.1),
@@ -97,9 +99,16 @@ PRESETS = {
                    max_steps=500_000),
     "folder": dict(image_size=64, channels=(64, 128, 256, 512), attention=(False, False, True, True),
                    num_res=2, batch_size=64, dropout=0.1),
+    # Ho et al. 2020's CIFAR-10 run: their network (35.7M parameters) and recipe
+    "ho-cifar10": dict(dataset="cifar10", layout="ho", channels=(128, 256, 256, 256), time_emb_dim=128,
+                       attention=(False, True, False, False), num_res=2, dropout=0.1, batch_size=128,
+                       warmup_steps=5000, variance="large"),
 }
-MODEL_ARGS = ("channels", "attention", "num_res", "neck_length", "time_emb_dim", "dropout",
-              "image_size", "class_cond", "timesteps", "schedule", "objective")
+PRESETS["mnist"] = {**PRESETS["mnist5k"], "max_steps": 10_000, "log_every": 100, "sample_every": 1000, "save_every": 1000}
+# what the network and the diffusion are made of: the network of --init-from sets them, --resume keeps them
+NETWORK_ARGS = ("layout", "channels", "attention", "num_res", "neck_length", "time_emb_dim", "timesteps",
+                "schedule", "objective", "variance")
+MODEL_ARGS = NETWORK_ARGS + ("dropout", "image_size", "class_cond")
 
 
 def build_parser(defaults):
@@ -107,10 +116,11 @@ def build_parser(defaults):
     as_flags = lambda preset: " ".join(f"--{'' if v else 'no-'}{k}" if isinstance(v, bool) else
                                        f"--{k} {common.as_typed(v)}" for k, v in preset.items()).replace("_", "-")
     presets = "\n".join(f"  {name}: {as_flags(preset)}" for name, preset in PRESETS.items())
-    p = common.parser(__doc__, f"--dataset picks a preset, which sets these (the defaults above are "
-                               f"those of --dataset {defaults['DATASET']}):\n{presets}")
+    p = common.parser(__doc__, f"--dataset (or --preset) picks a preset, which sets these (the defaults above "
+                               f"are those of --dataset {defaults['DATASET']}):\n{presets}")
     return common.add_flags(
-        p, globals(), defaults, DATASET=dict(choices=tuple(DATASETS)), IMAGE_SIZE=dict(type=int),
+        p, globals(), defaults, DATASET=dict(choices=tuple(DATASETS)), PRESET=dict(choices=tuple(PRESETS)),
+        LAYOUT=dict(choices=("ours", "ho")), VARIANCE=dict(choices=("small", "large")), IMAGE_SIZE=dict(type=int),
         SCHEDULE=dict(choices=("linear", "cosine")), OBJECTIVE=dict(choices=("eps", "v", "x0")),
         LOSS=dict(choices=("mse", "l1")), DTYPE=dict(choices=("auto", "float32", "bfloat16", "float16")),
         COMPILE=dict(dest="use_compile", action=argparse.BooleanOptionalAction), WORKERS=dict(type=int))
@@ -119,14 +129,17 @@ def build_parser(defaults):
 def parse_args(argv=None):
     """The constants above, then the dataset's preset, then the flags given."""
     peek = common.Parser(add_help=False)
-    peek.add_argument("--dataset", default=DATASET)
-    dataset = peek.parse_known_args(argv)[0].dataset
-    preset = {k.upper(): v for k, v in PRESETS.get(dataset, {}).items()}
-    p = build_parser({**globals(), "DATASET": dataset, **preset})
+    peek.add_argument("--dataset")
+    peek.add_argument("--preset", choices=tuple(PRESETS))
+    known = peek.parse_known_args(argv)[0]
+    name = known.preset or known.dataset or DATASET
+    preset = {k.upper(): v for k, v in PRESETS.get(name, {}).items()}
+    dataset = known.dataset or preset.get("DATASET", name)
+    p = build_parser({**globals(), **preset, "DATASET": dataset, "PRESET": known.preset})
     args = p.parse_args(argv)
     args.explicit = sorted(vars(build_parser(collections.defaultdict(lambda: argparse.SUPPRESS)).parse_args(argv)))
     common.at_least(p, args, 1, "batch_size", "max_steps", "log_every", "sample_every", "save_every",
-                    "sample_steps", "max_bad_steps", "image_size")
+                    "max_bad_steps", "image_size")
     common.at_least(p, args, 0, "warmup_steps", "weight_decay", "min_snr", "workers", "keep_every")
     for name in ("lr", "grad_clip"):
         if not getattr(args, name) > 0:
@@ -136,43 +149,36 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 0 and below 1")
     if args.data_dir and args.dataset == "mnist5k":
         p.error("--data-dir has no use with the embedded mnist5k: for a folder of images, add --dataset folder")
-    if "sample_steps" not in args.explicit:  # the default 50 grid steps, for a small --timesteps
-        args.sample_steps = min(args.sample_steps, max(1, args.timesteps))
     return args
 
 
 def resume_args(args, ckpt):
     """A resumed run keeps the checkpoint's settings, but for the flags given now and the
     --out-dir it was found in; a flag that would change the network or the diffusion is an error."""
-    saved = ckpt["args"]
-    changed = [n for n in MODEL_ARGS if n in args.explicit and saved[n] != list_or_value(getattr(args, n))]
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}  # older ones hold lists
+    changed = [n for n in MODEL_ARGS if n in args.explicit and saved.get(n) != getattr(args, n)]
     if changed:
         raise ValueError("the checkpoint was trained with other " + ", ".join(
-            f"--{n.replace('_', '-')} ({saved[n]} there, {getattr(args, n)} here)" for n in changed))
-    merged = {**vars(args), **saved, **{n: getattr(args, n) for n in args.explicit}, "explicit": args.explicit,
-              "out_dir": args.out_dir}  # a moved run folder keeps its outputs together; new flags their defaults
-    return argparse.Namespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
-
-
-def list_or_value(v):
-    return list(v) if isinstance(v, tuple) else v
+            f"--{n.replace('_', '-')} ({common.as_typed(saved.get(n))} there, {common.as_typed(getattr(args, n))} here)"
+            for n in changed))
+    # a moved run folder keeps its outputs together; flags the checkpoint does not know take their defaults
+    return argparse.Namespace(**{**vars(args), **saved, **{n: getattr(args, n) for n in args.explicit},
+                                 "explicit": args.explicit, "out_dir": args.out_dir})
 
 
 # ---------------------------------------------------------------- training helpers
 
 def amp_dtype(args, device):
     """The autocast dtype, or None for plain fp32."""
-    if args.dtype == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if args.dtype == "auto":  # bf16 on CUDA, or fp16 on GPUs without it
+        return None if device.type != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
 
 def unet_config(args, channels, num_classes=0):
     """The UNet the model flags describe, for images with `channels` channels."""
     return UNetConfig(channels, args.channels, args.attention, args.num_res, args.neck_length,
-                      args.time_emb_dim, args.dropout, num_classes)
+                      args.time_emb_dim, args.dropout, num_classes, args.layout)
 
 
 def make_optimizer(model, args, device, dtype):
@@ -224,20 +230,21 @@ def by_quarter(losses, t, T):
     return torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, torch.ones_like(losses)]))
 
 
-def checkpoint(model, ema, optimizer, scaler, step, args, classes):
+def checkpoint(run, step):
     """Everything a resume needs (and the class names, for sample.py --label): plain tensors,
     numbers, strings, lists and dicts only, so that it loads with torch.load(weights_only=True)."""
-    for name, net in (("weights", model), ("EMA weights", ema)):
+    for name, net in (("weights", run.model), ("EMA weights", run.ema)):
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise FloatingPointError(f"the {name} are not finite at step {step}: checkpoint not written")
-    device = model.conv_in.weight.device
+    args = run.args
     return {
-        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "step": step, "model_config": config_dict(model.config),
-        "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective},
-        "args": {k: list_or_value(v) for k, v in vars(args).items()}, "classes": list(classes),
+        "model": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(), "step": step, "model_config": config_dict(run.model.config),
+        "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective,
+                      "variance": args.variance},
+        "args": vars(args), "classes": list(run.classes),
         "rng": {"torch": torch.get_rng_state(),  # and the training GPU's alone: a resume may see fewer
-                "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []},
+                "cuda": [torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else []},
     }
 
 
@@ -269,13 +276,12 @@ def save_checkpoint(state, path, keep_previous=True):
 
 
 def save_grid(ema, diffusion, args, num_classes, path, device):
-    """A fixed-seed grid from the EMA model: the same noise at every step of training."""
+    """A grid from the EMA model, the same noise at every step of training: the images of
+    `python sample.py --nrow 4` (--label all --nrow 10 with classes) from this step's checkpoint."""
     n = 16 if num_classes == 0 else 10 * min(num_classes, 10)
     y = torch.arange(n, device=device) // 10 if args.class_cond else None  # a row per class
-    shape = (n, ema.config.in_channels, args.image_size, args.image_size)
-    # eta=1 (stochastic steps): early in training they give cleaner strokes than eta=0
-    x = diffusion.ddim_sample(ema, shape, args.sample_steps, eta=1.0, y=y,
-                              generator=torch.Generator().manual_seed(args.seed))
+    x = diffusion.sample(ema, (n, ema.config.in_channels, args.image_size, args.image_size), DEFAULT_METHOD,
+                         eta=DEFAULT_ETA, y=y, generator=[torch.Generator().manual_seed(args.seed + i) for i in range(n)])
     with common.atomic_write(path) as f:
         save_image((x + 1) / 2, f, format="png", nrow=int(math.sqrt(n)) if num_classes == 0 else 10)
 
@@ -363,13 +369,33 @@ def resume(args, ckpt_path):
     return args, ckpt
 
 
+def init_from(args):
+    """--init-from's checkpoint, its network's settings (and its image size, unless --image-size
+    is given) put into args; None without the flag."""
+    if not args.init_from:
+        return None
+    init, given = load_checkpoint(args.init_from), [n for n in NETWORK_ARGS if n in args.explicit]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is the network's own with --init-from: drop it")
+    own = {"layout": "ours", "variance": "small", **init["model_config"], **init["diffusion"], "timesteps":
+           init["diffusion"]["T"], "image_size": init["args"]["image_size"]}
+    taken = NETWORK_ARGS + ("image_size",) * ("image_size" not in args.explicit)
+    vars(args).update({n: tuple(v) if isinstance(v, list) else v for n, v in own.items() if n in taken})
+    return init
+
+
+def check_network(config, saved, what, hint):
+    """Refuse weights (of a resumed or an --init-from checkpoint) of another network than `config`."""
+    now = config_dict(config)
+    changed = [f"{k} {v} there, {now.get(k)} here" for k, v in saved.items() if k != "dropout" and now.get(k) != v]
+    if changed:
+        raise ValueError(f"{what} ({', '.join(changed)}): {hint}")
+
+
 def load_state(ckpt, path, run):
     """Put a checkpoint's weights, optimizer, scaler and RNG states into `run`; returns its step."""
-    now = config_dict(run.model.config)
-    if now != ckpt["model_config"]:
-        changed = [f"{k} {v} there, {now.get(k)} here" for k, v in ckpt["model_config"].items() if now.get(k) != v]
-        raise ValueError(f"{path} was trained on other data ({', '.join(changed)}): "
-                         "resume with the --dataset and --data-dir it was trained on")
+    check_network(run.model.config, ckpt["model_config"], f"{path} was trained on other data",
+                  "resume with the --dataset and --data-dir it was trained on")
     try:
         run.model.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
@@ -391,14 +417,11 @@ def setup_run(args):
     """Everything the loop needs, new or from --resume's checkpoint, in one namespace."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     args, ckpt = resume(args, ckpt_path)
-    if args.sample_steps > args.timesteps:
-        raise ValueError(f"--sample-steps {args.sample_steps} is more than --timesteps {args.timesteps}")
+    init = init_from(args) if ckpt is None else None
     rank, world, device = common.setup(args.device)
     if rank == 0:  # a bad --out-dir fails now, not at the first grid or save
-        common.writable(os.path.join(args.out_dir, "samples", "step.png"), "--out-dir")
-        common.writable(ckpt_path, "--out-dir")
-        if args.keep_every:
-            common.writable(os.path.join(args.out_dir, "snapshots", "ema.pt"), "--out-dir")
+        for path in ("samples/step.png", "ckpt.pt") + ("snapshots/ema.pt",) * bool(args.keep_every):
+            common.writable(os.path.join(args.out_dir, path), "--out-dir")
     if rank > 0:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
         common.wait_for_all(world)
     dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.class_cond)
@@ -411,13 +434,17 @@ def setup_run(args):
     config = unet_config(args, dataset.channels, len(classes))
     check_image_size(args.image_size, config)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = UNet(config).to(device)
+    model = build_unet(config).to(device)
+    if init is not None:  # its EMA weights (a published network has only those)
+        check_network(config, init["model_config"], f"--init-from {args.init_from} is a network for other images",
+                      f"fine-tune it on images like its own (--dataset {args.dataset} differs)")
+        model.load_state_dict(init["ema"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     dtype = amp_dtype(args, device)
     optimizer, scaler = make_optimizer(model, args, device, dtype)
     run = types.SimpleNamespace(args=args, rank=rank, world=world, device=device, dtype=dtype, dataset=dataset,
                                 classes=classes, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
-                                diffusion=Diffusion(args.timesteps, args.schedule, args.objective, device),
+                                diffusion=Diffusion(args.timesteps, args.schedule, args.objective, device, args.variance),
                                 ckpt_path=ckpt_path, step=0)
     torch.manual_seed(args.seed + rank)  # different noise on every rank
     if ckpt is not None:
@@ -428,7 +455,7 @@ def setup_run(args):
     if world > 1:
         run.net = DDP(run.net, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
-        print(f"{args.dataset} ({len(dataset)} images, {args.image_size} px) | UNet with "
+        print(f"{args.dataset} ({len(dataset)} images, {args.image_size} px) | {type(model).__name__} with "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device}, "
               f"{world} process(es), {dtype or torch.float32} | steps {run.step} -> {args.max_steps}")
     return run
@@ -484,11 +511,10 @@ def train(args):
                 log.line(step, loss_sum, norm_sum, quarters, skipped)
                 skipped, loss_sum, norm_sum, quarters = 0, 0, 0, 0
             if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
-                save_checkpoint(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes),
-                                run.ckpt_path)
+                save_checkpoint(checkpoint(run, step), run.ckpt_path)
             if args.keep_every and step % args.keep_every == 0:  # a history to sample from and score (fid.py)
-                save_checkpoint(ema_export(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes)),
-                                os.path.join(args.out_dir, "snapshots", f"ema_{step:07d}.pt"), keep_previous=False)
+                save_checkpoint(ema_export(checkpoint(run, step)), os.path.join(args.out_dir, "snapshots",
+                                                                           f"ema_{step:07d}.pt"), keep_previous=False)
             if step % args.sample_every == 0 or step == args.max_steps:
                 grid = os.path.join(args.out_dir, "samples", f"step_{step:07d}.png")
                 save_grid(ema, run.diffusion, args, len(run.classes), grid, run.device)
@@ -506,8 +532,7 @@ def train(args):
         sys.exit(128 + stop)
     if run.rank == 0:
         export = os.path.join(args.out_dir, "ema_fp16.pt")
-        save_checkpoint(ema_export(checkpoint(model, ema, run.optimizer, run.scaler, step, args, run.classes)),
-                        export, keep_previous=False)
+        save_checkpoint(ema_export(checkpoint(run, step)), export, keep_previous=False)
         print(f"done: {run.ckpt_path}, {export}")
     return model, ema
 

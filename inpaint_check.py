@@ -2,8 +2,8 @@
 How often inpainting keeps a digit what it was, on the quick-start model: the lower half of
 mnist5k's 200 held-out digits (20 of each class) is redrawn by RePaint, by plain replacement
 (RePaint that never goes back: jump_n_sample 1) and filled with black, and fid.py's digit
-classifier, which did not train on those digits, names each result. About 25 minutes on 2 CPU
-cores (RePaint takes 2410 network evaluations a digit).
+classifier, which did not train on those digits, names each result. 54 minutes on 2 CPU
+cores shared with other runs (RePaint takes 2410 network evaluations a digit).
 
     python inpaint_check.py --ckpt out/ckpt.pt
 """

@@ -1499,6 +1499,18 @@ def test_a_hub_name_without_network_is_one_line(tmp_path):
     assert result.stderr.startswith("error: could not download google/ddpm-cifar10-32 from the Hugging Face hub")
 
 
+def test_a_hub_name_that_does_not_exist_is_one_line(capsys, monkeypatch):
+    import huggingface_hub
+
+    def not_found(name, file):  # the hub's 404 for a repository (made without its HTTP response)
+        error = huggingface_hub.errors.RepositoryNotFoundError.__new__(huggingface_hub.errors.RepositoryNotFoundError)
+        Exception.__init__(error, f"404: {name}")
+        raise error
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
+    error = one_line_error(capsys, sample.main, ["--ckpt", "nobody/no-such-model"])
+    assert "no model nobody/no-such-model on the Hugging Face hub, nor a file or folder" in error
+
+
 # ---------------------------------------------------------------- editing images (edit.py)
 
 def digit_files(folder):

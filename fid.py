@@ -107,10 +107,11 @@ def digit_classifier(cache_dir, device):
                 optimizer.step()
         with common.atomic_write(path) as f:
             torch.save(net.state_dict(), f)
+    with open(path, "rb") as f:  # read once: the bytes hashed are the bytes loaded
+        data = f.read()
     net = Digits()
-    net.load_state_dict(safe_load(path, path, "digit classifier"))
-    with open(path, "rb") as f:
-        return net.to(device).eval(), "digits-" + hashlib.sha256(f.read()).hexdigest()[:8]
+    net.load_state_dict(safe_load(io.BytesIO(data), path, "digit classifier"))
+    return net.to(device).eval(), "digits-" + hashlib.sha256(data).hexdigest()[:8]
 
 
 def inception(weights, device):

@@ -124,7 +124,7 @@ def bench(args):
     channels, size, _ = DATASETS[targs.dataset]
     size = targs.image_size or size
     config = train.unet_config(targs, channels)
-    check_image_size(size, config)
+    check_image_size(size, len(config.channels))
     torch.manual_seed(0)
     model = build_unet(config).to(device)
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -183,7 +184,22 @@ def wait_for_all(world):
         dist.all_reduce(torch.zeros(1))
 
 
-# ---------------------------------------------------------------- output files
+# ---------------------------------------------------------------- files
+
+def safe_load(file, path, what="checkpoint"):
+    """torch.load of tensors and plain Python values only: a file that holds code is refused,
+    in one line, and its code is not run."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {what} at {path}") from None
+    except Exception as e:  # pickled code, a truncated file, not a torch file at all
+        reason = "truncated, or not a torch file"
+        if isinstance(e, pickle.UnpicklingError):
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            reason = f"it holds pickled code ({found.group(1) if found else 'not plain data'}), which was not run"
+        raise ValueError(f"{path} is not a safe, readable {what}: {reason}") from None
+
 
 def writable(path, flag):
     """Make the file's folder and try the file, before the work that will write it."""

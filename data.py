@@ -25,9 +25,19 @@ DIGITS = [str(d) for d in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def from_uint8(x):
+    """uint8 pixels -> floats in [-1, 1], the layout kept."""
+    return x.float().div(127.5).sub(1)
+
+
+def to_uint8(x):
+    """[-1, 1] NCHW floats -> uint8 NHWC on the CPU, rounded and clipped."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
 def to_tensor(size):
     """PIL image -> (C, size, size) in [-1, 1]: resize the short side, crop the centre."""
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(0.5, 0.5)])
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor(), from_uint8])
 
 
 class ArrayDataset(Dataset):
@@ -40,7 +50,7 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.images[i].float().div(127.5).sub(1), self.labels[i]
+        return from_uint8(self.images[i]), self.labels[i]
 
 
 def mnist_arrays(images, labels, image_size):

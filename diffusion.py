@@ -46,6 +46,11 @@ def randn(shape, generator=None, device="cpu"):
     return torch.randn(shape, device=device)
 
 
+def generators(seed, indices):
+    """A generator per image, image i's seeded with seed + i: what `randn` draws each image from."""
+    return [torch.Generator().manual_seed(seed + i) for i in indices]
+
+
 class Diffusion:
     def __init__(self, T=1000, schedule="linear", objective="eps", device="cpu", variance="small", clip=True):
         if schedule not in ("linear", "cosine"):
@@ -53,7 +58,7 @@ class Diffusion:
         if objective not in ("eps", "v", "x0"):
             raise ValueError(f"unknown objective {objective!r}: use eps, v or x0")
         if T < 2:
-            raise ValueError(f"T (--timesteps) must be at least 2, got {T}")
+            raise ValueError(f"T must be at least 2, got {T}")
         if variance not in ("small", "large"):
             raise ValueError(f"unknown variance {variance!r}: use small or large")
         self.T, self.objective, self.variance, self.clip = T, objective, variance, clip
@@ -81,7 +86,7 @@ class Diffusion:
         half the log-SNR ("logsnr", Lu et al. 2022 sec. 3.3); rounded, moved up where two meet."""
         top = self.T - 1 if start is None else start
         if not 1 <= steps <= top + 1:
-            raise ValueError(f"--steps must be between 1 and {top + 1} (the timesteps from {top} to 0), got {steps}")
+            raise ValueError(f"steps must be between 1 and {top + 1} (the timesteps from {top} to 0), got {steps}")
         t = torch.linspace(top, 0, steps, dtype=torch.float64)
         if spacing == "quadratic":
             t = t ** 2 / max(top, 1)
@@ -245,9 +250,6 @@ class Diffusion:
         does that over a fraction of each step (as in k-diffusion). The network is evaluated at
         `steps` timesteps above 0; the last step, to sigma = 0, is first order: it lands on the
         predicted x0, as diffusers' does (a 2nd-order one overshoots, see the README)."""
-        top = self.T - 1 if start is None else start
-        if not 1 <= steps <= top:
-            raise ValueError(f"--steps must be between 1 and {'T-1=' * (start is None)}{top} for DPM-Solver, got {steps}")
         device = self.betas.device
         x = randn(shape, generator, device) if x is None else x
         ts = self.timesteps(steps + 1, spacing, start)[:-1]  # t = 0 is where the last step lands, not evaluated
@@ -273,6 +275,10 @@ class Diffusion:
         """Network evaluations unless told: T for ddpm, 100 for ddim, 50 for dpm (fewer for a small T)."""
         return {"ddpm": self.T, "ddim": min(100, self.T), "dpm": min(50, self.T - 1)}[method]
 
+    def max_steps(self, method):
+        """The most steps a sampler can take: every timestep, but DPM-Solver lands on t = 0 unevaluated."""
+        return self.T - (method == "dpm")
+
     def sample(self, model, shape, method="ddim", steps=None, eta=0.0, spacing="linear", variance=None, x0=None,
                start=None, mask=None, jump=(10, 10), **kwargs):
         """Dispatch to a sampler by name: ddpm (every step), ddim or dpm. With images x0 and a
@@ -280,13 +286,8 @@ class Diffusion:
         x0 itself); with x0 and a mask, RePaint, with ddim steps (ddpm: eta 1, every step)."""
         if method not in ("ddpm", "ddim", "dpm"):
             raise ValueError(f"unknown sampling method {method!r}: use ddpm, ddim or dpm")
-        if not 0 <= eta <= 1:  # above 1, DDIM's 1 - a_prev - sigma^2 can be negative: no real update
-            raise ValueError(f"--eta must be between 0 and 1, got {eta}")
         steps = steps or self.default_steps(method)
-        if mask is not None:
-            if method == "dpm":
-                raise ValueError("inpainting takes --method ddim or ddpm: RePaint steps back and forth, "
-                                 "which DPM-Solver's multistep history cannot")
+        if mask is not None:  # (not dpm: RePaint steps back and forth, which its multistep history cannot)
             steps, eta = (steps, eta) if method == "ddim" else (self.T, 1.0)
             return self.repaint_sample(model, shape, x0, mask, steps, eta, *jump, **kwargs)
         if x0 is not None:

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 import common
 import sample
+from data import from_uint8, to_uint8
 
 IMAGE = []  # the image to edit (PNG, JPEG, ...); give --image twice to interpolate between two
 STRENGTH = None  # variations: how far to noise the image, 0..1; None = 0.5
@@ -54,6 +55,8 @@ def parse_args(argv=None):
         p.error("--mask and --strength edit one image, and not together: --strength makes variations, --mask inpaints")
     if args.mode != "interpolation" and args.frames is not None:
         p.error("--frames needs two images: give --image twice")
+    if args.mode == "inpainting" and args.method == "dpm":  # RePaint steps back, past DPM-Solver's history
+        p.error("inpainting takes --method ddim or ddpm")
     if args.mode == "interpolation" and (args.method not in (None, "ddim") or args.eta not in (None, 0)):
         p.error("interpolation runs DDIM both ways, deterministic: drop --method and --eta")
     if args.strength is not None and not 0 <= args.strength <= 1:
@@ -83,8 +86,8 @@ def read_image(path, flag, size, grey, mask=False):
         print(f"{flag} {path}: {image.size[0]}x{image.size[1]} {mode}, taken as {size}x{size} "
               f"{'grey' if grey else 'RGB'} (resized, centre-cropped)", file=sys.stderr)
     interpolation = TF.InterpolationMode.NEAREST if mask else TF.InterpolationMode.BICUBIC
-    x = TF.to_tensor(TF.center_crop(TF.resize(image, size, interpolation, antialias=not mask), size))[None]
-    return (x > 0.5).float() if mask else (x * 2 - 1).clamp(-1, 1), image.size
+    x = TF.pil_to_tensor(TF.center_crop(TF.resize(image, size, interpolation, antialias=not mask), size))[None]
+    return (x > 127).float() if mask else from_uint8(x), image.size
 
 
 def slerp(a, b, w):
@@ -106,7 +109,7 @@ def interpolate(diffusion, model, args, images, label, device):
     w = torch.linspace(0, 1, args.frames, device=device).view(-1, 1, 1, 1)
     x = slerp(latents[:1].expand(args.frames, -1, -1, -1), latents[1:].expand(args.frames, -1, -1, -1), w)
     frames = diffusion.ddim_sample(model, x.shape, args.steps, x=x, y=y, guidance=args.guidance)
-    error = (sample.to_uint8(frames[[0, -1]]).float() - sample.to_uint8(ends).float()).abs().mean(dim=(1, 2, 3))
+    error = (to_uint8(frames[[0, -1]]).float() - to_uint8(ends).float()).abs().mean(dim=(1, 2, 3))
     print(f"inversion round trip at {args.steps} steps: mean |error| {error[0]:.1f} and {error[1]:.1f} of 255 "
           "at the ends (more --steps, less)", file=sys.stderr)
     out = args.out or os.path.join(sample.beside(args.ckpt), "interpolation.png")

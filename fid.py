@@ -32,8 +32,7 @@ from tqdm import tqdm
 
 import common
 import sample
-from data import DATASETS, ArrayDataset, image_files, load_dataset
-from model import safe_load
+from data import DATASETS, ArrayDataset, from_uint8, image_files, load_dataset, to_uint8
 
 CKPT = None  # checkpoints to sample from: a file, or a glob in quotes ("out/snapshots/*.pt"), a row each
 NPZ = None  # or score an export: uint8 images N x H x W x C under arr_0 (sample.py --npz)
@@ -76,7 +75,7 @@ class Digits(torch.nn.Module):
         self.head = torch.nn.Linear(128, 10)
 
     def forward(self, x):
-        x = x[:, :1].float() / 127.5 - 1  # grey; a larger MNIST (32 px) loses its padded border
+        x = from_uint8(x[:, :1])  # grey; a larger MNIST (32 px) loses its padded border
         x = x[:, :, (x.shape[2] - 28) // 2:, (x.shape[3] - 28) // 2:][:, :, :28, :28]
         features = self.body(x)
         return features, self.head(features)
@@ -110,7 +109,7 @@ def digit_classifier(cache_dir, device):
     with open(path, "rb") as f:  # read once: the bytes hashed are the bytes loaded
         data = f.read()
     net = Digits()
-    net.load_state_dict(safe_load(io.BytesIO(data), path, "digit classifier"))
+    net.load_state_dict(common.safe_load(io.BytesIO(data), path, "digit classifier"))
     return net.to(device).eval(), "digits-" + hashlib.sha256(data).hexdigest()[:8]
 
 
@@ -125,7 +124,7 @@ def inception(weights, device):
                 data = f.read()
         except OSError as e:
             raise OSError(f"cannot read --weights {weights}: {e.strerror}") from None
-        safe_load(io.BytesIO(data), f"--weights {weights}", "weights file")
+        common.safe_load(io.BytesIO(data), f"--weights {weights}", "weights file")
         tag = "weights-" + hashlib.sha256(data).hexdigest()[:8]
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
@@ -197,7 +196,7 @@ def dataset_images(name, data_dir, size, batch_size):
     if isinstance(dataset, ArrayDataset):  # held in memory as uint8 already
         return batched(dataset.images.permute(0, 2, 3, 1), batch_size), len(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(4, os.cpu_count() or 1))
-    return (sample.to_uint8(x) for x, _ in loader), len(dataset)
+    return (to_uint8(x) for x, _ in loader), len(dataset)
 
 
 def reference(args, ref, data_dir, size, net, device, tag):

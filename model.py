@@ -5,20 +5,15 @@ conv in -> DownBlock per level -> neck -> mirrored UpBlocks -> GroupNorm, SiLU, 
 Each level halves the resolution, except the bottom one; every UpBlock concatenates the
 output of its DownBlock (the skip connection). The timestep, and the class label when the
 model is conditional, enter every ResidualBlock through one embedding vector.
-HoUNet wires the same blocks as Ho et al. 2020 did, and from_pretrained loads their
-published networks (google/ddpm-*) into it.
+HoUNet wires the same blocks as Ho et al. 2020 did (checkpoint.from_pretrained loads their
+published networks, google/ddpm-*, into it).
 """
 import math
-import os
-import pickle
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import pretrained
 
 
 @dataclass
@@ -274,60 +269,9 @@ def build_unet(config):
     return (HoUNet if config.layout == "ho" else UNet)(config)
 
 
-def check_image_size(image_size, config):
+def check_image_size(image_size, levels):
     """Every level but the bottom halves the image: the size must divide by 2^(levels-1)."""
-    factor = 2 ** (len(config.channels) - 1)
+    factor = 2 ** (levels - 1)
     if image_size % factor:
-        raise ValueError(f"image size {image_size} cannot be halved {len(config.channels) - 1} "
-                         f"times: use a multiple of {factor}, or fewer levels in --channels")
-
-
-def safe_load(file, path, what="checkpoint"):
-    """torch.load of tensors and plain Python values only: a file that holds code is refused,
-    in one line, and its code is not run."""
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no {what} at {path}") from None
-    except Exception as e:  # pickled code, a truncated file, not a torch file at all
-        reason = "truncated, or not a torch file"
-        if isinstance(e, pickle.UnpicklingError):
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            reason = f"it holds pickled code ({found.group(1) if found else 'not plain data'}), which was not run"
-        raise ValueError(f"{path} is not a safe, readable {what}: {reason}") from None
-
-
-def load_checkpoint(path):
-    """A checkpoint of train.py's, loaded safely, or a published network in diffusers' format
-    (a hub name or a folder; see from_pretrained) as one."""
-    path = os.fspath(path)
-    if os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path) \
-            and not path.endswith((".pt", ".pth")):
-        return pretrained.checkpoint(path)
-    ckpt = safe_load(path, path)
-    if not isinstance(ckpt, dict) or not {"model_config", "diffusion", "ema", "args"} <= ckpt.keys():
-        raise ValueError(f"{path} is a torch file but not a checkpoint written by train.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, ema=True):
-    """Rebuild the UNet from the config stored in a checkpoint, with its (EMA) weights."""
-    try:
-        model = build_unet(UNetConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["ema" if ema and "ema" in ckpt else "model"])
-    except (TypeError, RuntimeError) as e:  # another version's config, or weights of another model
-        raise ValueError(f"the checkpoint's weights do not fit its model config ({str(e).splitlines()[0]})") from None
-    return model
-
-
-def from_pretrained(name_or_folder):
-    """Ho et al.'s network with its published weights (nanoGPT's GPT.from_pretrained): a Hugging
-    Face hub name (google/ddpm-cifar10-32, google/ddpm-ema-church-256, ...), downloaded once into
-    the hub's cache, or a folder in diffusers' format. pretrained.py reads them."""
-    return model_from_checkpoint(load_checkpoint(name_or_folder))
-
-
-def config_dict(config):
-    """The config as plain values (lists, not tuples), as checkpoints store it."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
-
+        raise ValueError(f"image size {image_size} cannot be halved {levels - 1} "
+                         f"times: use a multiple of {factor}, or fewer levels")

@@ -2,14 +2,17 @@
 Ho et al. 2020's published networks (google/ddpm-cifar10-32, google/ddpm-ema-church-256, ...),
 from the Hugging Face hub or a folder in diffusers' format, as checkpoints of this code: the
 network in model.HoUNet, its weights renamed, its DDPM scheduler's settings as the diffusion's.
-model.load_checkpoint (so sample.py, fid.py, edit.py and train.py --init-from) reads them
-through `checkpoint`; the hub's library is imported only when a hub name is given.
+checkpoint.load (so sample.py, fid.py, edit.py and train.py --init-from) reads them through
+`checkpoint`; the hub's library is imported only when a hub name is given.
 """
 import json
 import os
 import re
 
 import torch
+
+import common
+from model import check_image_size
 
 # diffusers' UNet2DModel settings that make Ho et al.'s network (those of the google/ddpm-* configs)
 HO_LAYOUT = {"act_fn": "silu", "attention_head_dim": None, "center_input_sample": False, "downsample_padding": 0,
@@ -43,8 +46,7 @@ def checkpoint(name):
         from safetensors.torch import load_file
         state = load_file(weights)
     else:
-        from model import safe_load  # model.py imports this file
-        state = safe_load(weights, weights, "weights file")
+        state = common.safe_load(weights, weights, "weights file")
     return {"ema": state_dict(state), "model_config": model_config, "step": 0, "classes": [],
             "diffusion": diffusion(json.load(open(scheduler)) if scheduler else {}, name),
             "args": {"image_size": config["sample_size"], "dataset": None, "data_dir": None}}
@@ -96,8 +98,7 @@ def ho_config(config, name):
         wrong.append(f"{config['in_channels']} channels in, {config['out_channels']} out, widths {channels}")
     if wrong:
         raise ValueError(f"{name} is a UNet2DModel, but not in Ho et al.'s layout ({'; '.join(wrong)}): {SUPPORTED}")
-    if config["sample_size"] % 2 ** (len(channels) - 1):
-        raise ValueError(f"{name}'s image size {config['sample_size']} cannot be halved {len(channels) - 1} times")
+    check_image_size(config["sample_size"], len(channels))
     return dict(in_channels=config["in_channels"], channels=list(channels), attention=[t != "DownBlock2D" for t in down],
                 num_res=config["layers_per_block"], neck_length=0, time_emb_dim=channels[0],
                 dropout=config.get("dropout", 0.0), num_classes=0, layout="ho")

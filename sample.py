@@ -24,9 +24,10 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+import checkpoint
 import common
-from diffusion import DEFAULT_ETA, DEFAULT_METHOD, Diffusion
-from model import load_checkpoint, model_from_checkpoint
+from data import to_uint8
+from diffusion import DEFAULT_ETA, DEFAULT_METHOD, Diffusion, generators
 
 CKPT = "out/ckpt.pt"  # a training checkpoint, its ema_fp16.pt export, or a published network (google/ddpm-*, a folder)
 METHOD = DEFAULT_METHOD  # ddpm (all T steps) | ddim | dpm (DPM-Solver++ 2M)
@@ -116,11 +117,6 @@ def parse_label(label, classes):
     return int(label)
 
 
-def to_uint8(x):
-    """[-1, 1] NCHW floats -> uint8 NHWC."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
 def to_pil_grid(x, nrow):
     """[-1, 1] NCHW floats -> one image of them, nrow to a row, 2 px apart."""
     grid = make_grid(to_uint8(x).permute(0, 3, 1, 2), nrow=nrow, padding=2)
@@ -131,9 +127,8 @@ def generate(diffusion, model, args, indices, labels, callback=None, **given):
     """Images indices[0..] (each from its own seed), from the sampler args.method picks; `given`
     goes to diffusion.sample (an image to start from, and its start or mask, for edit.py)."""
     shape = (len(indices), model.config.in_channels, args.image_size, args.image_size)
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in indices]
     return diffusion.sample(model, shape, args.method, args.steps, args.eta, args.spacing, args.variance,
-                            generator=generators, y=labels, guidance=args.guidance, callback=callback, **given)
+                            generator=generators(args.seed, indices), y=labels, guidance=args.guidance, callback=callback, **given)
 
 
 def images(diffusion, model, args, indices, label, device):
@@ -247,13 +242,12 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
 def load(path, args, device):
     """(network with the EMA or raw weights, diffusion, label, checkpoint) from checkpoint `path`,
     on `device`; sets args.image_size."""
-    ckpt = load_checkpoint(path)
-    if not args.ema and "model" not in ckpt:
-        raise ValueError(f"{path} holds only the EMA weights: drop --no-ema")
-    model = model_from_checkpoint(ckpt, ema=args.ema).to(device).eval()
+    ckpt = checkpoint.load(path, full=None if args.ema else "drop --no-ema")
+    model = checkpoint.network(ckpt, ema=args.ema).to(device).eval()
     diffusion = Diffusion(**ckpt["diffusion"], device=device)  # a published network's: its variance and clipping too
-    if args.steps is not None and args.steps > diffusion.T:
-        raise ValueError(f"--steps {args.steps} is more than the model's T={diffusion.T}")
+    if (args.steps or 0) > diffusion.max_steps(args.method):
+        raise ValueError(f"--steps {args.steps} is more than --method {args.method} can take with the model's "
+                         f"T={diffusion.T} (at most {diffusion.max_steps(args.method)})")
     args.image_size = ckpt["args"]["image_size"]
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
     return model, diffusion, parse_label(args.label, classes), ckpt

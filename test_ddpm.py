@@ -27,7 +27,9 @@ import sample
 import train
 import model
 from diffusion import Diffusion, cosine_betas, linear_betas, randn
-from model import UNet, UNetConfig, load_checkpoint
+from model import UNet, UNetConfig
+import checkpoint
+from checkpoint import load as load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = {name: os.path.join(REPO, name) for name in ("train.py", "sample.py", "edit.py")}
@@ -780,7 +782,7 @@ def trained(tmp_path_factory):
     (["--data-dir", "my_images"], "--data-dir has no use with the embedded mnist5k"),
     (["--device", "bogus"], "unknown --device 'bogus'"),
     (["--device", "cuda:99"], "this machine has no such device"),
-    (["--timesteps", "1"], "--timesteps) must be at least 2"),
+    (["--timesteps", "1"], "--timesteps must be at least 2"),
     (["--batch-size", "100000", "--channels", "8", "--attention", "0"], "too few for --batch-size"),
 ])
 def test_bad_training_input_is_one_line(capsys, tmp_path, argv, expected):
@@ -850,12 +852,12 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     torch.save({k: v for k, v in ckpt.items() if k != "rng"}, tmp_path / "old" / "ckpt.pt")
     argv = ["--out-dir", str(tmp_path / "old"), "--resume", "--max-steps", "2"]
     assert "does not fit this train.py ('rng')" in one_line_error(capsys, train.main, argv)
-    argv = ["--out-dir", str(trained), "--resume", "--channels", "8,32"]
-    assert "--channels (8,16 there, 8,32 here)" in one_line_error(capsys, train.main, argv)
+    argv = ["--out-dir", str(trained), "--resume", "--channels", "8,32", "--max-steps", "2"]
+    assert "channels 8,16 there, 8,32 here" in one_line_error(capsys, train.main, argv)
     write_images(tmp_path / "rgb", ["a.png", "b.png"], (28, 28))
     argv = ["--out-dir", str(trained), "--resume", "--max-steps", "2", "--dataset", "folder",
             "--data-dir", str(tmp_path / "rgb")]
-    assert "trained on other data (in_channels 1 there, 3 here)" in one_line_error(capsys, train.main, argv)
+    assert "trained otherwise (in_channels 1 there, 3 here" in one_line_error(capsys, train.main, argv)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "ckpt.pt").write_bytes((trained / "ema_fp16.pt").read_bytes())
     argv = ["--out-dir", str(tmp_path / "export"), "--resume"]
@@ -871,7 +873,7 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--nrow", "0"], "--nrow must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--steps", "-3"], "--steps must be at least 1"),
-    (["--steps", "21"], "more than the model's T=20"),
+    (["--steps", "21"], "--steps 21 is more than --method dpm can take with the model's T=20 (at most 19)"),
     (["--method", "ddpm", "--steps", "10"], "--method ddpm takes every step (all T)"),
     (["--eta", "1.5"], "--eta must be between 0 and 1"),
     (["--eta", "-0.5"], "--eta must be between 0 and 1"),
@@ -890,8 +892,8 @@ def test_resume_errors_are_one_line(capsys, tmp_path, trained):
     (["--out", "grid.xyz"], "use an image file name"),
     (["--out", "grid.psd"], "use an image file name"),  # a format PIL reads but cannot write
     (["--gif", "denoise.png"], "must end in .gif"),
-    (["--method", "dpm", "--steps", "20"], "between 1 and T-1=19 for DPM-Solver"),
-    (["--no-ema", "--ckpt", "EXPORT"], "holds only the EMA weights"),
+    (["--method", "dpm", "--steps", "20"], "--steps 20 is more than --method dpm can take with the model's T=20 (at most 19)"),
+    (["--no-ema", "--ckpt", "EXPORT"], "holds only EMA weights"),
 ])
 def test_bad_sampling_input_is_one_line(capsys, trained, argv, expected):
     argv = [str(trained / "ema_fp16.pt") if a == "EXPORT" else a for a in argv]
@@ -1373,7 +1375,7 @@ def ho_cifar10(tmp_path_factory):
 @pytest.mark.parametrize("config", ["cifar10", "256 at 64 px"])
 def test_ho_unet_equals_diffusers_on_random_weights_of_each_published_config(tmp_path, config, ho_cifar10):
     folder, reference = ho_cifar10 if config == "cifar10" else (tmp_path, diffusers_folder(tmp_path, HO_256))
-    ours = model.from_pretrained(str(folder)).eval()
+    ours = checkpoint.from_pretrained(str(folder)).eval()
     assert isinstance(ours, model.HoUNet)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters())
     x = torch.randn(2, 3, *[reference.config.sample_size] * 2, generator=torch.Generator().manual_seed(1))
@@ -1398,7 +1400,7 @@ def test_old_attention_names_in_a_bin_load_to_the_same_network(tmp_path, ho_cifa
     rename = lambda key: re.sub(r"to_q|to_k|to_v|to_out\.0", lambda m: old[m.group(0)], key)
     diffusers_folder(tmp_path, HO_CIFAR10, weights="bin", rename=rename)
     assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
-    a, b = model.from_pretrained(str(tmp_path)), model.from_pretrained(str(ho_cifar10[0]))
+    a, b = checkpoint.from_pretrained(str(tmp_path)), checkpoint.from_pretrained(str(ho_cifar10[0]))
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
 
 
@@ -1443,7 +1445,7 @@ def test_init_from_a_diffusers_folder_fine_tunes_and_writes_ordinary_checkpoints
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["model_config"]["layout"] == "ho" and ckpt["args"]["image_size"] == 16  # the network's own
     assert ckpt["diffusion"]["variance"] == "large"
-    start = model.from_pretrained(str(tmp_path / "net"))
+    start = checkpoint.from_pretrained(str(tmp_path / "net"))
     moved = max((v - model_.state_dict()[k]).abs().max().item() for k, v in start.state_dict().items())
     assert 0 < moved < 1e-4  # one warm-up step (lr 2e-7) from the published weights, not a fresh init
     train.main(argv[:-4] + ["--max-steps", "2", "--resume"])
@@ -1678,3 +1680,33 @@ def test_unet_compiles_without_graph_breaks_and_matches_eager():
         net(x, t, y).square().mean().backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads))
+
+
+# ---------------------------------------------------------------- the layout and the checkpoint format
+
+def test_model_py_imports_no_other_module_of_the_project():
+    project = sorted(os.path.splitext(f)[0] for f in os.listdir(REPO) if f.endswith(".py"))
+    code = f"import sys; sys.path.insert(0, {REPO!r}); import model; print(sorted(set(sys.modules) & set({project!r})))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['model']"
+
+
+def test_checkpoints_in_the_format_before_checkpoint_py_load_sample_and_resume(tmp_path):
+    # ckpt.pt and ema_fp16.pt as train.py wrote them before the format had its own file: the same
+    # keys, with no "clip" in "diffusion" (which then reads as clipping)
+    train.main(["--out-dir", str(tmp_path / "new"), "--max-steps", "2", *TINY])
+    (tmp_path / "old").mkdir()
+    for name in ("ckpt.pt", "ema_fp16.pt"):
+        ckpt = torch.load(tmp_path / "new" / name, weights_only=True)
+        ckpt["diffusion"] = {k: ckpt["diffusion"][k] for k in ("T", "schedule", "objective", "variance")}
+        assert set(ckpt) == ({"model", "ema", "optimizer", "scaler", "step", "model_config", "diffusion", "args",
+                              "classes", "rng"} if name == "ckpt.pt" else {"ema", "model_config", "diffusion", "args",
+                                                                            "step", "classes"})
+        torch.save(ckpt, tmp_path / "old" / name)
+    grids = [sample.main(["--ckpt", str(tmp_path / d / n), "--nrow", "2", "--steps", "3", "--out", str(tmp_path / f"{d}{n}.png")])
+             for d in ("new", "old") for n in ("ckpt.pt", "ema_fp16.pt")]
+    pixels = [np.asarray(Image.open(g)) for g in grids]
+    assert np.array_equal(pixels[0], pixels[2]) and np.abs(pixels[1].astype(int) - pixels[3]).max() == 0
+    train.main(["--out-dir", str(tmp_path / "old"), "--max-steps", "3", "--resume"])
+    train.main(["--out-dir", str(tmp_path / "new"), "--max-steps", "3", "--resume"])
+    assert_same_state(state_of(tmp_path / "old" / "ckpt.pt"), state_of(tmp_path / "new" / "ckpt.pt"))

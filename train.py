@@ -19,7 +19,6 @@ import copy
 import csv
 import math
 import os
-import shutil
 import sys
 import time
 import types
@@ -27,12 +26,13 @@ import types
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 
+import checkpoint
 import common
+import sample
 from data import DATASETS, batches, load_dataset, random_hflip
-from diffusion import DEFAULT_ETA, DEFAULT_METHOD, Diffusion
-from model import UNetConfig, build_unet, check_image_size, config_dict, load_checkpoint
+from diffusion import Diffusion
+from model import UNetConfig, build_unet, check_image_size
 
 # data
 DATASET = "mnist5k"  # mnist5k | mnist | cifar10 | celeba | folder
@@ -105,10 +105,6 @@ PRESETS = {
                        warmup_steps=5000, variance="large"),
 }
 PRESETS["mnist"] = {**PRESETS["mnist5k"], "max_steps": 10_000, "log_every": 100, "sample_every": 1000, "save_every": 1000}
-# what the network and the diffusion are made of: the network of --init-from sets them, --resume keeps them
-NETWORK_ARGS = ("layout", "channels", "attention", "num_res", "neck_length", "time_emb_dim", "timesteps",
-                "schedule", "objective", "variance")
-MODEL_ARGS = NETWORK_ARGS + ("dropout", "image_size", "class_cond")
 
 
 def build_parser(defaults):
@@ -140,6 +136,7 @@ def parse_args(argv=None):
     args.explicit = sorted(vars(build_parser(collections.defaultdict(lambda: argparse.SUPPRESS)).parse_args(argv)))
     common.at_least(p, args, 1, "batch_size", "max_steps", "log_every", "sample_every", "save_every",
                     "max_bad_steps", "image_size")
+    common.at_least(p, args, 2, "timesteps")
     common.at_least(p, args, 0, "warmup_steps", "weight_decay", "min_snr", "workers", "keep_every")
     for name in ("lr", "grad_clip"):
         if not getattr(args, name) > 0:
@@ -150,20 +147,6 @@ def parse_args(argv=None):
     if args.data_dir and args.dataset == "mnist5k":
         p.error("--data-dir has no use with the embedded mnist5k: for a folder of images, add --dataset folder")
     return args
-
-
-def resume_args(args, ckpt):
-    """A resumed run keeps the checkpoint's settings, but for the flags given now and the
-    --out-dir it was found in; a flag that would change the network or the diffusion is an error."""
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["args"].items()}  # older ones hold lists
-    changed = [n for n in MODEL_ARGS if n in args.explicit and saved.get(n) != getattr(args, n)]
-    if changed:
-        raise ValueError("the checkpoint was trained with other " + ", ".join(
-            f"--{n.replace('_', '-')} ({common.as_typed(saved.get(n))} there, {common.as_typed(getattr(args, n))} here)"
-            for n in changed))
-    # a moved run folder keeps its outputs together; flags the checkpoint does not know take their defaults
-    return argparse.Namespace(**{**vars(args), **saved, **{n: getattr(args, n) for n in args.explicit},
-                                 "explicit": args.explicit, "out_dir": args.out_dir})
 
 
 # ---------------------------------------------------------------- training helpers
@@ -230,62 +213,6 @@ def by_quarter(losses, t, T):
     return torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, torch.ones_like(losses)]))
 
 
-def checkpoint(run, step):
-    """Everything a resume needs (and the class names, for sample.py --label): plain tensors,
-    numbers, strings, lists and dicts only, so that it loads with torch.load(weights_only=True)."""
-    for name, net in (("weights", run.model), ("EMA weights", run.ema)):
-        if not all(torch.isfinite(p).all() for p in net.parameters()):
-            raise FloatingPointError(f"the {name} are not finite at step {step}: checkpoint not written")
-    args = run.args
-    return {
-        "model": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict(), "step": step, "model_config": config_dict(run.model.config),
-        "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective,
-                      "variance": args.variance},
-        "args": vars(args), "classes": list(run.classes),
-        "rng": {"torch": torch.get_rng_state(),  # and the training GPU's alone: a resume may see fewer
-                "cuda": [torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else []},
-    }
-
-
-def ema_export(state):
-    """The EMA weights alone, in fp16, with what sample.py needs: a small file to sample from or share."""
-    return {"ema": {k: v.half() for k, v in state["ema"].items()},
-            **{k: state[k] for k in ("model_config", "diffusion", "args", "step", "classes")}}
-
-
-def save_checkpoint(state, path, keep_previous=True):
-    """Write atomically, keeping the last one as *.prev.pt: a crash at any moment of a save
-    leaves a complete ckpt.pt, and a bad checkpoint still has a predecessor."""
-    prev = path[:-3] + ".prev.pt"
-    try:
-        with common.atomic_write(path, sync=True) as f:
-            torch.save(state, f)
-            if keep_previous and os.path.exists(path):  # the last one becomes *.prev.pt first:
-                if os.path.exists(prev + ".tmp"):         # ckpt.pt never goes missing
-                    os.remove(prev + ".tmp")
-                try:
-                    os.link(path, prev + ".tmp")
-                except OSError:  # a filesystem without hard links
-                    shutil.copyfile(path, prev + ".tmp")
-                os.replace(prev + ".tmp", prev)
-    except (OSError, RuntimeError) as e:  # torch.save raises either when the disk fills up
-        reason = str(e) if isinstance(e, OSError) else f"could not write {path} ({e}; is the disk full?)"
-        intact = "; the previous checkpoint is intact" if keep_previous and os.path.exists(path) else ""
-        raise OSError(reason + intact) from None
-
-
-def save_grid(ema, diffusion, args, num_classes, path, device):
-    """A grid from the EMA model, the same noise at every step of training: the images of
-    `python sample.py --nrow 4` (--label all --nrow 10 with classes) from this step's checkpoint."""
-    n = 16 if num_classes == 0 else 10 * min(num_classes, 10)
-    y = torch.arange(n, device=device) // 10 if args.class_cond else None  # a row per class
-    x = diffusion.sample(ema, (n, ema.config.in_channels, args.image_size, args.image_size), DEFAULT_METHOD,
-                         eta=DEFAULT_ETA, y=y, generator=[torch.Generator().manual_seed(args.seed + i) for i in range(n)])
-    with common.atomic_write(path) as f:
-        save_image((x + 1) / 2, f, format="png", nrow=int(math.sqrt(n)) if num_classes == 0 else 10)
-
-
 class RunLog:
     """Rank 0's record of the run: a line per log interval on the terminal, the same values
     appended to OUT_DIR/log.csv and, with --wandb, logged to Weights & Biases with each grid."""
@@ -341,83 +268,23 @@ class RunLog:
             self.wandb.finish()
 
 
+def save_grid(run, step):
+    """The images `python sample.py --nrow 4` (--label all --nrow 10 with classes) draws from this
+    step's checkpoint: EMA weights, the default sampler, the same noise at every step."""
+    path = os.path.join(run.args.out_dir, "samples", f"step_{step:07d}.png")
+    flags = sample.parse_args(["--nrow", "10" if run.classes else "4", "--seed", str(run.args.seed), "--out", path])
+    flags.image_size = run.args.image_size
+    return sample.sample_grid(run.diffusion, run.ema, flags, "all" if run.classes else None, run.device)
+
+
 # ---------------------------------------------------------------- the run
 
-def resume(args, ckpt_path):
-    """(args, checkpoint): with --resume the checkpoint and its settings, else (args, None)."""
-    if not args.resume:
-        if os.path.exists(ckpt_path):  # a forgotten --resume would overwrite it
-            raise ValueError(f"{ckpt_path} exists: add --resume to continue that run, or give another "
-                             "--out-dir (or delete that one) to start over")
-        return args, None
-    try:
-        ckpt = load_checkpoint(ckpt_path)
-    except ValueError as e:  # a corrupt ckpt.pt: say whether the one before it can take over
-        prev = ckpt_path[:-3] + ".prev.pt"
-        try:
-            step = load_checkpoint(prev)["step"]
-        except (ValueError, OSError, KeyError):
-            raise e from None
-        raise ValueError(f"{e}; {prev} (step {step}) is readable: resume from it with "
-                         f"cp {prev} {ckpt_path} && python train.py --resume --out-dir {args.out_dir}") from None
-    if not {"model", "optimizer", "args"} <= ckpt.keys():
-        raise ValueError(f"{ckpt_path} holds only EMA weights (an ema_fp16.pt export?): it cannot resume training")
-    args = resume_args(args, ckpt)
-    if ckpt.get("step", 0) >= args.max_steps:
-        raise ValueError(f"{ckpt_path} is at step {ckpt['step']}, and --max-steps is {args.max_steps}: "
-                         "nothing to train; give a larger --max-steps")
-    return args, ckpt
-
-
-def init_from(args):
-    """--init-from's checkpoint, its network's settings (and its image size, unless --image-size
-    is given) put into args; None without the flag."""
-    if not args.init_from:
-        return None
-    init, given = load_checkpoint(args.init_from), [n for n in NETWORK_ARGS if n in args.explicit]
-    if given:
-        raise ValueError(f"--{given[0].replace('_', '-')} is the network's own with --init-from: drop it")
-    own = {"layout": "ours", "variance": "small", **init["model_config"], **init["diffusion"], "timesteps":
-           init["diffusion"]["T"], "image_size": init["args"]["image_size"]}
-    taken = NETWORK_ARGS + ("image_size",) * ("image_size" not in args.explicit)
-    vars(args).update({n: tuple(v) if isinstance(v, list) else v for n, v in own.items() if n in taken})
-    return init
-
-
-def check_network(config, saved, what, hint):
-    """Refuse weights (of a resumed or an --init-from checkpoint) of another network than `config`."""
-    now = config_dict(config)
-    changed = [f"{k} {v} there, {now.get(k)} here" for k, v in saved.items() if k != "dropout" and now.get(k) != v]
-    if changed:
-        raise ValueError(f"{what} ({', '.join(changed)}): {hint}")
-
-
-def load_state(ckpt, path, run):
-    """Put a checkpoint's weights, optimizer, scaler and RNG states into `run`; returns its step."""
-    check_network(run.model.config, ckpt["model_config"], f"{path} was trained on other data",
-                  "resume with the --dataset and --data-dir it was trained on")
-    try:
-        run.model.load_state_dict(ckpt["model"])
-        run.ema.load_state_dict(ckpt["ema"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty unless the run that saved it used fp16
-            run.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if run.device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], run.device)
-        step = ckpt["step"]
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # e.g. another version's checkpoint
-        raise ValueError(f"{path} does not fit this train.py ({str(e).splitlines()[0]})") from None
-    if run.world > 1:  # only rank 0's RNG state was saved: give each rank its own noise again
-        torch.manual_seed(run.args.seed + run.rank + 1_000_003 * step)
-    return step
-
-
-def setup_run(args):
-    """Everything the loop needs, new or from --resume's checkpoint, in one namespace."""
+def setup(args):
+    """The run in the order it is made: its settings (--resume's, or --init-from's network), the
+    device, the data, the network, the optimizer, and the network the loop calls (compiled, DDP)."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, ckpt = resume(args, ckpt_path)
-    init = init_from(args) if ckpt is None else None
+    args, ckpt = checkpoint.resume(args, ckpt_path)
+    init = checkpoint.init_from(args) if ckpt is None else None
     rank, world, device = common.setup(args.device)
     if rank == 0:  # a bad --out-dir fails now, not at the first grid or save
         for path in ("samples/step.png", "ckpt.pt") + ("snapshots/ema.pt",) * bool(args.keep_every):
@@ -432,39 +299,44 @@ def setup_run(args):
         raise ValueError(f"--class-cond needs labels, and {args.dataset} has none")
     classes = dataset.classes if args.class_cond else []
     config = unet_config(args, dataset.channels, len(classes))
-    check_image_size(args.image_size, config)
+    check_image_size(args.image_size, len(config.channels))
+    if ckpt is not None:
+        checkpoint.check_fits(ckpt, config, args, f"{ckpt_path} was trained otherwise", "resume with the "
+                              "flags and data it was trained with, or start anew in another --out-dir", resumed=True)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_unet(config).to(device)
     if init is not None:  # its EMA weights (a published network has only those)
-        check_network(config, init["model_config"], f"--init-from {args.init_from} is a network for other images",
-                      f"fine-tune it on images like its own (--dataset {args.dataset} differs)")
+        checkpoint.check_fits(init, config, args, f"--init-from {args.init_from} is a network for other images",
+                              f"fine-tune it on images like its own (--dataset {args.dataset} differs)", resumed=False)
         model.load_state_dict(init["ema"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     dtype = amp_dtype(args, device)
     optimizer, scaler = make_optimizer(model, args, device, dtype)
-    run = types.SimpleNamespace(args=args, rank=rank, world=world, device=device, dtype=dtype, dataset=dataset,
-                                classes=classes, model=model, ema=ema, optimizer=optimizer, scaler=scaler,
-                                diffusion=Diffusion(args.timesteps, args.schedule, args.objective, device, args.variance),
-                                ckpt_path=ckpt_path, step=0)
     torch.manual_seed(args.seed + rank)  # different noise on every rank
-    if ckpt is not None:
-        run.step = load_state(ckpt, ckpt_path, run)
-    run.net = model  # what the loop calls: compiled and DDP-wrapped; `model` stays the raw module
+    step = 0 if ckpt is None else checkpoint.restore(ckpt, ckpt_path, model, ema, optimizer, scaler, device)
+    if ckpt is not None and world > 1:  # only rank 0's RNG state was saved: each rank its own noise again
+        torch.manual_seed(args.seed + rank + 1_000_003 * step)
+    net = model  # what the loop calls, compiled and DDP-wrapped; `model` stays the raw module
     if args.use_compile or (args.use_compile is None and device.type == "cuda"):
-        run.net = torch.compile(run.net)
+        net = torch.compile(net)
     if world > 1:
-        run.net = DDP(run.net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         print(f"{args.dataset} ({len(dataset)} images, {args.image_size} px) | {type(model).__name__} with "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device}, "
-              f"{world} process(es), {dtype or torch.float32} | steps {run.step} -> {args.max_steps}")
-    return run
+              f"{world} process(es), {dtype or torch.float32} | steps {step} -> {args.max_steps}")
+    diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device, args.variance, getattr(args, "clip", True))
+    return types.SimpleNamespace(args=args, rank=rank, world=world, device=device, dtype=dtype, dataset=dataset,
+                                 classes=classes, model=model, ema=ema, optimizer=optimizer, scaler=scaler, net=net,
+                                 diffusion=diffusion, ckpt_path=ckpt_path, step=step)
 
 
-def train(args):
-    run = setup_run(args)
+def loop(run):
+    """Train from run.step to --max-steps; rank 0 logs, saves and draws grids. Returns the signal
+    that stopped the run early, or 0."""
     args, step, model, ema = run.args, run.step, run.model, run.ema
     params, ema_params = list(model.parameters()), list(ema.parameters())
+    state = lambda: checkpoint.state(model, ema, run.optimizer, run.scaler, step, args, run.classes, run.device)
     data = batches(run.dataset, args.batch_size, args.seed, run.rank, run.world, step, run.device, args.workers)
     log = RunLog(args, step, run.world) if run.rank == 0 else None
     interrupt, stop, bad_steps, skipped, loss_sum, norm_sum, quarters = common.Interrupt(), 0, 0, 0, 0, 0, 0
@@ -502,7 +374,6 @@ def train(args):
             # summed on the device, read once a log line: no wait for the GPU at every step
             loss_sum, norm_sum = loss_sum + losses.mean(), norm_sum + grad_norm
             quarters = quarters + by_quarter(losses, t, args.timesteps)
-
             if run.rank > 0:  # only rank 0 logs, saves and samples
                 if stop:
                     break
@@ -511,14 +382,12 @@ def train(args):
                 log.line(step, loss_sum, norm_sum, quarters, skipped)
                 skipped, loss_sum, norm_sum, quarters = 0, 0, 0, 0
             if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
-                save_checkpoint(checkpoint(run, step), run.ckpt_path)
+                checkpoint.save(state(), run.ckpt_path)
             if args.keep_every and step % args.keep_every == 0:  # a history to sample from and score (fid.py)
-                save_checkpoint(ema_export(checkpoint(run, step)), os.path.join(args.out_dir, "snapshots",
-                                                                           f"ema_{step:07d}.pt"), keep_previous=False)
+                checkpoint.save(checkpoint.ema_export(state()), os.path.join(
+                    args.out_dir, "snapshots", f"ema_{step:07d}.pt"), keep_previous=False)
             if step % args.sample_every == 0 or step == args.max_steps:
-                grid = os.path.join(args.out_dir, "samples", f"step_{step:07d}.png")
-                save_grid(ema, run.diffusion, args, len(run.classes), grid, run.device)
-                log.grid(step, grid)
+                log.grid(step, save_grid(run, step))
             if stop:
                 print(f"saved {run.ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
                 break
@@ -528,13 +397,22 @@ def train(args):
             log.close()
         if run.world > 1:
             dist.destroy_process_group()
+    run.step = step
+    return stop
+
+
+def train(args):
+    run = setup(args)
+    stop = loop(run)
     if stop:  # a signal to any rank stops them all, and none of them claims to be done
         sys.exit(128 + stop)
     if run.rank == 0:
-        export = os.path.join(args.out_dir, "ema_fp16.pt")
-        save_checkpoint(ema_export(checkpoint(run, step)), export, keep_previous=False)
+        export = os.path.join(run.args.out_dir, "ema_fp16.pt")
+        checkpoint.save(checkpoint.ema_export(checkpoint.state(
+            run.model, run.ema, run.optimizer, run.scaler, run.step, run.args, run.classes, run.device)),
+            export, keep_previous=False)
         print(f"done: {run.ckpt_path}, {export}")
-    return model, ema
+    return run.model, run.ema
 
 
 def main(argv=None):

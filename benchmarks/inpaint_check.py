@@ -5,17 +5,20 @@ mnist5k's 200 held-out digits (20 of each class) is redrawn by RePaint, by plain
 classifier, which did not train on those digits, names each result. 54 minutes on 2 CPU
 cores shared with other runs (RePaint takes 2410 network evaluations a digit).
 
-    python inpaint_check.py --ckpt out/ckpt.pt
+    python benchmarks/inpaint_check.py --ckpt out/ckpt.pt
 """
+import os
 import sys
 
 import torch
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's files
 import common
 import fid
 import sample
-from data import load_dataset
+from data import from_uint8, load_dataset, to_uint8
+from diffusion import generators
 
 CKPT = "out/ckpt.pt"  # a checkpoint of 28-px digits (python train.py)
 STEPS = 250  # RePaint's steps (ddim, eta 1), as edit.py takes them
@@ -33,19 +36,19 @@ def check(args):
     classifier = fid.digit_classifier(args.cache_dir, device)[0]
     digits = load_dataset("mnist5k")
     images, labels = digits.images[fid.held_out_digits()].to(device), digits.labels[fid.held_out_digits()].to(device)
-    x0, mask = images.float() / 127.5 - 1, torch.zeros(1, 1, 28, 28, device=device)
+    x0, mask = from_uint8(images), torch.zeros(1, 1, 28, 28, device=device)
     mask[:, :, 14:] = 1  # redraw the lower half
     filled = {"the digits as they are": x0, "lower half black (zero fill)": x0 * (1 - mask) - mask}
     for name, resamplings in (("plain replacement", 1), ("RePaint (jump length 10, 10 resamplings)", 10)):
         bar = tqdm(desc=name, unit="step", file=sys.stderr)
         filled[name] = diffusion.sample(
             model, x0.shape, "ddim", args.steps, 1.0, x0=x0, mask=mask, jump=(10, resamplings),
-            generator=[torch.Generator().manual_seed(args.seed + i) for i in range(len(x0))],
+            generator=generators(args.seed, range(len(x0))),
             callback=lambda i, steps, x, pred: (setattr(bar, "total", steps), bar.update(1)))
         bar.close()
     rates = {}
     for name, x in filled.items():
-        predicted = classifier(sample.to_uint8(x).permute(0, 3, 1, 2))[1].argmax(1)
+        predicted = classifier(to_uint8(x).permute(0, 3, 1, 2))[1].argmax(1)
         rates[name] = (predicted == labels).float().mean().item()
         print(f"{name}: the classifier names {rates[name]:.1%} of {len(x)} digits as they were", flush=True)
     return rates

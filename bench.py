@@ -6,12 +6,18 @@ Benchmark the real training step (train.py) and the real sampler (diffusion.py).
     python bench.py --preset celeba --device cuda --compile           # GPU
     python bench.py --preset mnist5k --channels 32,64,128             # any train.py model flag
     python bench.py --preset ho-cifar10 --batch-size 4                # Ho et al.'s network
+    python bench.py --preset cifar10 --batch-size 128 --device cuda --dtype bfloat16 --compile \
+        --compile-mode reduce-overhead --run-steps 200              # the loop as it runs, on a GPU
 
 Prints parameters, forward GFLOP per image, training images/s and MFU (3 x forward FLOPs x
 images/s over a matmul peak measured in the same run, in the same precision), sampling ms
-per network evaluation per image (DDIM), and peak memory.
+per network evaluation per image (DDIM), and peak memory. With --run-steps N, also N
+consecutive training steps with no sync between them, as train.py's loop runs them: images/s
+and, on a GPU, the busy fraction (the profiler's summed kernel time over the wall time), with
+any host read of a device value in a step an error (torch.cuda.set_sync_debug_mode).
 """
 import argparse
+import contextlib
 import copy
 import resource
 import statistics
@@ -33,6 +39,8 @@ BATCH_SIZE = 16  # training batch
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast)
 COMPILE = False  # torch.compile the model
+COMPILE_MODE = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile's mode
+RUN_STEPS = 0  # > 0: also time this many consecutive training steps, no sync between them
 STEPS = 5  # timed training steps (after 2 warm-up steps); sampling times STEPS x 4 evaluations
 SAMPLE_BATCH = 8  # images per sampling batch
 
@@ -75,6 +83,31 @@ def best_seconds(fn, reps, device, warmup=2):
     return min(seconds(fn, reps, device, warmup))
 
 
+def consecutive(step, n, device):
+    """Wall seconds of n calls of step with no sync between them (after 3 warm-up calls: compile,
+    CUDA graph capture), and on a GPU the busy fraction: the kernels' summed time, from the
+    profiler in a second pass, over that pass's wall time. A host read in a step raises there."""
+    for _ in range(3):
+        step()
+    synchronize(device)
+    results = []
+    for activities in ([], [torch.profiler.ProfilerActivity.CUDA]) if device.type == "cuda" else ([],):
+        with torch.profiler.profile(activities=activities) if activities else contextlib.nullcontext() as prof:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+            synchronize(device)
+            results.append(time.perf_counter() - t0)
+    if device.type != "cuda":
+        return results[0], None
+    kernels = sum(e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return results[0], kernels / 1e6 / results[1]
+
+
 def matmul_peak(device, dtype):
     """GFLOP/s of the fastest of 10 n^3 matmuls: the MFU denominator (on the CPU run as a 1x1
     convolution, on oneDNN like the model's convolutions; the best run, as other processes
@@ -109,9 +142,11 @@ def parse_args(argv=None):
     p = common.add_flags(common.parser(__doc__, "Any other flag is one of train.py's (python train.py --help), "
                                                 "e.g. --channels 32,64,64 --attention 0,0,1 --timesteps 1000"),
                          globals(), PRESET=dict(choices=sorted(train.PRESETS)),
-                         DTYPE=dict(choices=("float32", "bfloat16", "float16")), COMPILE=dict(dest="use_compile"))
+                         DTYPE=dict(choices=("float32", "bfloat16", "float16")), COMPILE=dict(dest="use_compile"),
+                         COMPILE_MODE=dict(choices=("default", "reduce-overhead", "max-autotune")))
     args, model_flags = p.parse_known_args(argv)
     common.at_least(p, args, 1, "steps", "batch_size", "sample_batch")
+    common.at_least(p, args, 0, "run_steps")
     # the preset and any model flags, read exactly as train.py reads them
     args.train = train.parse_args(["--preset", args.preset, "--batch-size", str(args.batch_size),
                                    "--device", args.device, "--dtype", args.dtype, *model_flags])
@@ -139,19 +174,32 @@ def bench(args):
 
     # the training step exactly as train.py runs it: train_step, then the EMA update
     ema = copy.deepcopy(model).requires_grad_(False)
-    net = torch.compile(model) if args.use_compile else model
+    net = torch.compile(model, mode=args.compile_mode) if args.use_compile else model
     optimizer, scaler = train.make_optimizer(model, targs, device, dtype)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     x = torch.rand(args.batch_size, channels, size, size, device=device) * 2 - 1
 
     def step():
-        train.train_step(net, diffusion, optimizer, scaler, params, x, None, targs, dtype)
-        train.update_ema(ema_params, params, 1000, targs.ema_decay)
+        skip = train.train_step(net, diffusion, optimizer, scaler, params, x, None, targs, dtype)[3]
+        train.update_ema(ema_params, params, 1000, targs.ema_decay, skip)
     seconds = median_seconds(step, args.steps, device)
     images = args.batch_size / seconds
     achieved = 3 * flops * images / 1e9
     print(f"train  batch {args.batch_size}: {seconds * 1e3:.1f} ms/step, {images:.1f} img/s, "
           f"{achieved:.1f} GFLOP/s, MFU {achieved / peak * 100:.1f}%")
+    if args.run_steps:
+        totals = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
+        totals["quarters"] = torch.zeros(2, 4, device=device)
+
+        def loop_step():  # the body of train.loop: the step, the EMA, the device-side totals
+            nonlocal totals
+            losses, t, grad_norm, skip, bad = train.train_step(net, diffusion, optimizer, scaler, params, x, None,
+                                                               targs, dtype)
+            train.update_ema(ema_params, params, 1000, targs.ema_decay, skip)
+            totals = train.tally(totals, losses, t, grad_norm, skip, bad, 1000, targs.timesteps)
+        wall, busy = consecutive(loop_step, args.run_steps, device)
+        print(f"loop   {args.run_steps} steps: {args.run_steps * args.batch_size / wall:.1f} img/s, " + (
+            f"GPU busy {busy * 100:.1f}% of the wall time" if busy is not None else "(no GPU: no GPU time to measure)"))
 
     # the DDIM sampler from diffusion.py, timed per network evaluation
     ema.eval()

@@ -4,6 +4,7 @@ device and torchrun setup, and output files that appear whole or not at all.
 """
 import argparse
 import contextlib
+import csv
 import ctypes
 import errno
 import math
@@ -13,6 +14,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 import warnings
 import zipfile
 
@@ -115,6 +117,66 @@ class Interrupt:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+class RunLog:
+    """Rank 0's record of a training run: a line per log interval on the terminal, the same values
+    appended to OUT_DIR/log.csv and, with --wandb, logged to Weights & Biases with each grid."""
+    FIELDS = ("step", "loss", "q0", "q1", "q2", "q3", "lr", "img_per_s", "grad_norm", "skipped", "minutes")
+
+    def __init__(self, args, step, world):
+        self.args, self.world, self.path, self.wandb = args, world, os.path.join(args.out_dir, "log.csv"), None
+        if step and os.path.exists(self.path):  # resumed: the rows after the checkpoint's step are trained again
+            with open(self.path) as f:
+                rows = f.readlines()
+            with atomic_write(self.path) as f:
+                f.write("".join(rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= step]).encode())
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+            try:  # a resumed run continues its W&B run: the id is kept in the checkpoint's args
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args),
+                                        id=getattr(args, "wandb_id", None), resume="allow", dir=args.out_dir)
+            except Exception as e:
+                raise ValueError(f"W&B did not start ({e}): run wandb login, or set WANDB_MODE=offline") from None
+            args.wandb_id, self.image = self.wandb.id, wandb.Image
+            self.wandb.define_metric("*", step_metric="step")
+        self.step, self.t0, self.t_line = step, time.time(), time.time()
+
+    def line(self, step, read, lr):
+        """The means over the updates since the last line (`read`: train.py's totals), and the speed
+        over its steps."""
+        now, steps = time.time(), step - self.step
+        rate, updates, (sums, counts) = steps / (now - self.t_line), max(1, steps - read["skipped"]), read["quarters"]
+        row = dict(step=step, loss=read["loss"] / updates, **{f"q{i}": s / n if n else math.nan for i, (s, n) in
+                                                              enumerate(zip(sums, counts))},
+                   lr=lr, img_per_s=rate * self.args.batch_size * self.world,
+                   grad_norm=read["grad_norm"] / updates, skipped=int(read["skipped"]), minutes=(now - self.t0) / 60)
+        if row["skipped"]:
+            print(f"steps {self.step + 1}-{step}: {row['skipped']} update(s) skipped for a non-finite loss or "
+                  "gradient", file=sys.stderr, flush=True)
+        print(f"step {step}/{self.args.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+              f"{row['img_per_s']:.1f} img/s | {row['minutes']:.1f} min | "
+              f"ETA {(self.args.max_steps - step) / rate / 60:.1f} min", flush=True)
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.wandb:
+            self.wandb.log(row)
+        self.step, self.t_line = step, now
+
+    def grid(self, step, path):
+        if self.wandb:
+            self.wandb.log({"step": step, "samples": self.image(path)})
+
+    def close(self):
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ---------------------------------------------------------------- devices and torchrun

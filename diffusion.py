@@ -275,10 +275,6 @@ class Diffusion:
         """Network evaluations unless told: T for ddpm, 100 for ddim, 50 for dpm (fewer for a small T)."""
         return {"ddpm": self.T, "ddim": min(100, self.T), "dpm": min(50, self.T - 1)}[method]
 
-    def max_steps(self, method):
-        """The most steps a sampler can take: every timestep, but DPM-Solver lands on t = 0 unevaluated."""
-        return self.T - (method == "dpm")
-
     def sample(self, model, shape, method="ddim", steps=None, eta=0.0, spacing="linear", variance=None, x0=None,
                start=None, mask=None, jump=(10, 10), **kwargs):
         """Dispatch to a sampler by name: ddpm (every step), ddim or dpm. With images x0 and a

@@ -245,9 +245,10 @@ def load(path, args, device):
     ckpt = checkpoint.load(path, full=None if args.ema else "drop --no-ema")
     model = checkpoint.network(ckpt, ema=args.ema).to(device).eval()
     diffusion = Diffusion(**ckpt["diffusion"], device=device)  # a published network's: its variance and clipping too
-    if (args.steps or 0) > diffusion.max_steps(args.method):
+    most = diffusion.T - (args.method == "dpm")  # every timestep; DPM-Solver lands on t = 0 unevaluated
+    if (args.steps or 0) > most:
         raise ValueError(f"--steps {args.steps} is more than --method {args.method} can take with the model's "
-                         f"T={diffusion.T} (at most {diffusion.max_steps(args.method)})")
+                         f"T={diffusion.T} (at most {most})")
     args.image_size = ckpt["args"]["image_size"]
     classes = ckpt.get("classes") or [str(i) for i in range(model.config.num_classes)]
     return model, diffusion, parse_label(args.label, classes), ckpt

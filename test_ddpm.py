@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import data
@@ -544,15 +545,15 @@ def test_resume_can_switch_between_fp32_and_fp16(tmp_path):
 
 
 def test_resume_after_a_skipped_update_is_still_bitwise_identical(tmp_path, monkeypatch):
-    # the 3rd loss of each run is NaN: its update is skipped and its batch tried again, so step
-    # i still trains on batch i, which is where a resumed run takes up the data
+    # the 3rd loss of each run is NaN: its update is skipped, and the step still consumes its
+    # batch, so step i trains on batch i, which is where a resumed run takes up the data
     calls = scale_losses(monkeypatch, lambda n: float("nan") if n == 3 else 1.0)
     common = [*TINY, "--save-every", "100", "--sample-every", "100", "--no-lr-decay"]
     train.main(["--out-dir", str(tmp_path / "straight"), "--max-steps", "8", *common])
     calls.clear()
     train.main(["--out-dir", str(tmp_path / "split"), "--max-steps", "4", *common])
     train.main(["--out-dir", str(tmp_path / "split"), "--max-steps", "8", "--resume"])
-    assert len(calls) == 5 + 4  # one skipped update before the split, none after
+    assert len(calls) == 4 + 4  # a skipped update is a step: one before the split, none after
     assert_same_state(state_of(tmp_path / "straight" / "ckpt.pt"), state_of(tmp_path / "split" / "ckpt.pt"))
 
 
@@ -617,7 +618,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
                                                     "--dtype", dtype])
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("step 4/4") == 1  # only rank 0 logs
-    assert result.stderr.count("step 3: non-finite loss or gradient, update skipped") == 2  # one per rank
+    assert result.stderr.count("steps 3-3: 1 update(s) skipped") == 1  # rank 0 logs it
     a, b = (torch.load(tmp_path / f"rank{r}.pt", map_location="cpu") for r in (0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")["model"]
@@ -711,16 +712,16 @@ def test_sigint_saves_a_checkpoint_and_exits_nonzero(tmp_path):
 
 def test_nonfinite_loss_is_skipped_counted_and_stops_without_overwriting(tmp_path, monkeypatch, capsys):
     train.main(["--out-dir", str(tmp_path), "--max-steps", "2", *TINY])
-    before = (tmp_path / "ckpt.pt").read_bytes()
     calls = scale_losses(monkeypatch, lambda n: 1.0 if n == 1 else float("nan"))
     message = one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--max-steps", "50", "--resume",
                                                   "--max-bad-steps", "3", "--save-every", "1"])
-    assert "3 steps in a row" in message and "step 4" in message
-    assert capsys.readouterr().err.count("update skipped") == 3
+    assert "3 steps in a row" in message and "from step 4" in message
+    assert capsys.readouterr().err.count("1 update(s) skipped") == 2  # at steps 4 and 5; step 6 stops
     assert len(calls) == 4
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # the good step-3 save, not a NaN one
-    assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert (tmp_path / "ckpt.prev.pt").read_bytes() == before
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")  # step 5's save: step 3's weights, the bad ones skipped
+    good = load_checkpoint(tmp_path / "ckpt.prev.pt")  # step 4's
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.equal(v, good["model"][k]) for k, v in ckpt["model"].items())
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):
@@ -1631,9 +1632,11 @@ def test_bad_edit_input_is_one_line(capsys, tmp_path, trained):
 def test_bench_prints_its_figures(capsys):
     import bench
     result = bench.main(["--preset", "mnist5k", "--batch-size", "4", "--steps", "2", "--sample-batch", "2",
-                         "--device", "cpu", "--channels", "8,16", "--attention", "0,1", "--time-emb-dim", "16"])
+                         "--device", "cpu", "--channels", "8,16", "--attention", "0,1", "--time-emb-dim", "16",
+                         "--run-steps", "3"])
     out = capsys.readouterr().out
-    for figure in ("parameters", "forward GFLOP/img", "img/s", "MFU", "ms/NFE/img", "peak memory"):
+    for figure in ("parameters", "forward GFLOP/img", "img/s", "MFU", "ms/NFE/img", "peak memory",
+                   "loop   3 steps:", "(no GPU: no GPU time to measure)"):
         assert figure in out
     assert result["images_per_s"] > 0 and 0 < result["mfu"] < 1.5 and result["ms_per_nfe_per_image"] > 0
 
@@ -1710,3 +1713,87 @@ def test_checkpoints_in_the_format_before_checkpoint_py_load_sample_and_resume(t
     train.main(["--out-dir", str(tmp_path / "old"), "--max-steps", "3", "--resume"])
     train.main(["--out-dir", str(tmp_path / "new"), "--max-steps", "3", "--resume"])
     assert_same_state(state_of(tmp_path / "old" / "ckpt.pt"), state_of(tmp_path / "new" / "ckpt.pt"))
+
+
+# ---------------------------------------------------------------- a training step that never waits for the device
+
+class HostReads(TorchDispatchMode):
+    """Counts, per training step, the ops that read a device value on the host (.item(), bool(t),
+    float(t)...): each makes the host wait for a GPU. A step runs from one train_step call to the next."""
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+    def __init__(self, monkeypatch=None):
+        super().__init__()
+        self.per_step, real_step = [], train.train_step
+
+        def counted_step(*args, **kwargs):
+            self.per_step.append(0)
+            return real_step(*args, **kwargs)
+        if monkeypatch:
+            monkeypatch.setattr(train, "train_step", counted_step)
+        else:  # under torchrun: patched by hand
+            train.train_step = counted_step
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS and self.per_step:
+            self.per_step[-1] += 1
+        return func(*args, **(kwargs or {}))
+
+
+READ_STEPS = ["--max-steps", "6", "--log-every", "3", "--save-every", "3", "--sample-every", "100"]
+
+
+def test_a_training_step_reads_nothing_from_the_device_between_the_log_steps(monkeypatch):
+    with HostReads(monkeypatch) as reads:
+        train.main(["--out-dir", "out", *TINY, *READ_STEPS])
+    # steps 3 and 6 log and save: they read the totals; every other step reads nothing
+    assert reads.per_step[2] > 0 and reads.per_step[5] > 0
+    assert [reads.per_step[i] for i in (0, 1, 3, 4)] == [0, 0, 0, 0], reads.per_step
+
+
+def test_a_planted_item_in_the_step_is_counted(monkeypatch):
+    real_loss = train.Diffusion.loss
+
+    def loss(self, *args, **kwargs):
+        losses, t = real_loss(self, *args, **kwargs)
+        losses.sum().item()  # what the check must catch: the host waits for the device
+        return losses, t
+    monkeypatch.setattr(train.Diffusion, "loss", loss)
+    with HostReads(monkeypatch) as reads:
+        train.main(["--out-dir", "out", *TINY, *READ_STEPS])
+    assert reads.per_step[3] == reads.per_step[4] == 1
+
+
+def test_ddp_steps_read_nothing_from_the_device_between_the_log_steps(tmp_path):
+    patch = ("import atexit, test_ddpm\n"
+             "reads = test_ddpm.HostReads()\n"
+             "reads.__enter__()\n"
+             f"atexit.register(lambda: open(os.path.join({str(tmp_path)!r}, 'reads%s' % rank), 'w').write(repr(reads.per_step)))\n")
+    result = torchrun_two_ranks(tmp_path, "lambda rank, n: 1.0", READ_STEPS, patch)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for rank in (0, 1):
+        per_step = eval((tmp_path / f"reads{rank}").read_text())
+        assert len(per_step) == 6 and per_step[2] > 0 and [per_step[i] for i in (0, 1, 3, 4)] == [0, 0, 0, 0], per_step
+
+
+def test_a_nan_loss_skips_the_update_and_the_ema_update_bitwise(tmp_path, monkeypatch):
+    # the 3rd step's loss is NaN: its weights, EMA weights and AdamW state are those of step 2
+    train.main(["--out-dir", str(tmp_path / "good"), "--max-steps", "3", *TINY])
+    scale_losses(monkeypatch, lambda n: float("nan") if n == 3 else 1.0)
+    train.main(["--out-dir", str(tmp_path / "nan"), "--max-steps", "3", "--save-every", "1", *TINY])
+    before, after = (load_checkpoint(tmp_path / "nan" / name) for name in ("ckpt.prev.pt", "ckpt.pt"))
+    good = load_checkpoint(tmp_path / "good" / "ckpt.pt")
+    assert before["step"] == 2 and after["step"] == good["step"] == 3
+    for key in ("model", "ema"):
+        assert all(torch.equal(before[key][k], after[key][k]) for k in before[key])
+        assert not all(torch.equal(good[key][k], after[key][k]) for k in good[key])  # a good step 3 moves them
+    for a, b in zip(before["optimizer"]["state"].values(), after["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a) and int(b["step"]) == 2
+
+
+def test_compile_mode_is_handed_to_torch_compile(tmp_path, monkeypatch, capsys):
+    modes = []
+    monkeypatch.setattr(train.torch, "compile", lambda model, mode: modes.append(mode) or model)
+    train.main(["--out-dir", str(tmp_path), "--max-steps", "1", *TINY, "--compile", "--compile-mode", "reduce-overhead"])
+    assert modes == ["reduce-overhead"]
+    assert "invalid choice: 'fast'" in one_line_error(capsys, train.main, ["--compile-mode", "fast"])

@@ -16,11 +16,9 @@ weights alone, for sampling).
 import argparse
 import collections
 import copy
-import csv
 import math
 import os
 import sys
-import time
 import types
 
 import torch
@@ -71,6 +69,7 @@ MAX_BAD_STEPS = 5  # stop after this many steps in a row with a non-finite loss 
 DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
 DTYPE = "auto"  # auto (bf16 or fp16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
 COMPILE = None  # torch.compile the model; None = on CUDA only
+COMPILE_MODE = "default"  # default | reduce-overhead (CUDA graphs: the step launched as one) | max-autotune
 WORKERS = None  # DataLoader workers; None = 0 for in-memory datasets, else min(4, CPU cores)
 SEED = 0  # initial weights and data order (the same on every rank), noise (each DDP rank adds its rank)
 # output
@@ -119,7 +118,8 @@ def build_parser(defaults):
         LAYOUT=dict(choices=("ours", "ho")), VARIANCE=dict(choices=("small", "large")), IMAGE_SIZE=dict(type=int),
         SCHEDULE=dict(choices=("linear", "cosine")), OBJECTIVE=dict(choices=("eps", "v", "x0")),
         LOSS=dict(choices=("mse", "l1")), DTYPE=dict(choices=("auto", "float32", "bfloat16", "float16")),
-        COMPILE=dict(dest="use_compile", action=argparse.BooleanOptionalAction), WORKERS=dict(type=int))
+        COMPILE=dict(dest="use_compile", action=argparse.BooleanOptionalAction), WORKERS=dict(type=int),
+        COMPILE_MODE=dict(choices=("default", "reduce-overhead", "max-autotune")))
 
 
 def parse_args(argv=None):
@@ -182,90 +182,53 @@ def learning_rate(step, args):
 
 
 @torch.no_grad()
-def update_ema(ema_params, params, step, decay):
-    """EMA of the weights; the decay warms up so that early averages are not mostly the init."""
-    decay = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
+def update_ema(ema_params, params, step, decay, skip):
+    """EMA of the weights; the decay warms up so that early averages are not mostly the init. The
+    weight is a tensor, 0 after a skipped update (skip = 1): the device decides, the host reads nothing."""
+    weight = (1 - skip) * (1 - min(decay, (1 + step) / (10 + step)))
+    torch._foreach_lerp_(ema_params, params, [weight.expand_as(p) for p in params])
 
 
-def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype):
-    """One update: loss under autocast, backward (scaled for fp16), unscale, clip, step. Returns
-    (each image's loss, its t, the gradient norm, bad): a non-finite loss or gradient skips the update."""
+def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype, world=1):
+    """One update with no host read of a device value: loss under autocast, backward (scaled for
+    fp16), unscale, clip, step. A non-finite loss or gradient skips the update on the device, on
+    every rank. Returns each image's loss, its t, the gradient norm, skip (a 0-dim float, 1 for a
+    skipped update) and bad (the same, but for fp16 only a non-finite loss: its scaler skips
+    overflowing gradients and lowers its scale by itself)."""
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
         losses, t = diffusion.loss(net, x, y, args.loss, args.min_snr)
         loss = losses.mean()
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-    # fp16's scaler skips steps with inf gradients by itself; anything else non-finite is bad
-    bad = not torch.isfinite(loss if scaler.is_enabled() else loss + grad_norm).item()
-    if not bad:
-        scaler.step(optimizer)
+    flags = (~torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()]))).float()
+    if world > 1:  # a rank can see a non-finite loss with finite gradients: all of them skip the step
+        dist.all_reduce(flags, dist.ReduceOp.MAX)
+    skip = flags.max()  # exactly 0 or 1: AdamW takes it as found_inf and takes it off its step count
+    if optimizer.defaults["fused"]:
+        optimizer.grad_scale, optimizer.found_inf = None, skip  # as GradScaler.step hands them over
+        optimizer.step()
+    elif not skip.item():  # no fused AdamW (MPS): the host decides
+        optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return losses.detach(), t, grad_norm, bad
+    return losses.detach(), t, grad_norm, skip, flags[0] if scaler.is_enabled() else skip
 
 
-def by_quarter(losses, t, T):
-    """Sums of the losses, and counts, per quarter of the timestep range: (2, 4), where q0 is
-    t < T/4 (fine detail, little noise) and q3 t >= 3T/4 (global structure, mostly noise)."""
+def tally(totals, losses, t, grad_norm, skip, bad, step, T):
+    """Add a step to the device-side totals that a log line reads: loss and gradient norm summed
+    over the updates made, loss and count per quarter of the timestep range (q0 is t < T/4, fine
+    detail; q3 t >= 3T/4, global structure), updates skipped, and the bad steps in a row: the
+    current run, the longest and the step it began at."""
+    keep = 1 - skip
+    losses = torch.where(skip > 0, 0.0, losses)  # a NaN times 0 is still NaN
     quarter = t * 4 // T
-    return torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, torch.ones_like(losses)]))
-
-
-class RunLog:
-    """Rank 0's record of the run: a line per log interval on the terminal, the same values
-    appended to OUT_DIR/log.csv and, with --wandb, logged to Weights & Biases with each grid."""
-    FIELDS = ("step", "loss", "q0", "q1", "q2", "q3", "lr", "img_per_s", "grad_norm", "skipped", "minutes")
-
-    def __init__(self, args, step, world):
-        self.args, self.world, self.path, self.wandb = args, world, os.path.join(args.out_dir, "log.csv"), None
-        if step and os.path.exists(self.path):  # resumed: the rows after the checkpoint's step are trained again
-            with open(self.path) as f:
-                rows = f.readlines()
-            with common.atomic_write(self.path) as f:
-                f.write("".join(rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= step]).encode())
-        if args.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
-            try:  # a resumed run continues its W&B run: the id is kept in the checkpoint's args
-                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args),
-                                        id=getattr(args, "wandb_id", None), resume="allow", dir=args.out_dir)
-            except Exception as e:
-                raise ValueError(f"W&B did not start ({e}): run wandb login, or set WANDB_MODE=offline") from None
-            args.wandb_id, self.image = self.wandb.id, wandb.Image
-            self.wandb.define_metric("*", step_metric="step")
-        self.step, self.t0, self.t_line = step, time.time(), time.time()
-
-    def line(self, step, loss_sum, norm_sum, quarters, skipped):
-        """The means over the steps since the last line, and the speed over them."""
-        now, steps = time.time(), step - self.step
-        rate, q = steps / (now - self.t_line), (quarters[0] / quarters[1]).tolist()
-        row = dict(step=step, loss=loss_sum.item() / steps, q0=q[0], q1=q[1], q2=q[2], q3=q[3],
-                   lr=learning_rate(step - 1, self.args), img_per_s=rate * self.args.batch_size * self.world,
-                   grad_norm=norm_sum.item() / steps, skipped=skipped, minutes=(now - self.t0) / 60)
-        print(f"step {step}/{self.args.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-              f"{row['img_per_s']:.1f} img/s | {row['minutes']:.1f} min | "
-              f"ETA {(self.args.max_steps - step) / rate / 60:.1f} min", flush=True)
-        new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-        if self.wandb:
-            self.wandb.log(row)
-        self.step, self.t_line = step, now
-
-    def grid(self, step, path):
-        if self.wandb:
-            self.wandb.log({"step": step, "samples": self.image(path)})
-
-    def close(self):
-        if self.wandb:
-            self.wandb.finish()
+    quarters = torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, keep.expand_as(losses)]))
+    run = (totals["run"] + 1) * bad
+    return {"loss": totals["loss"] + losses.mean(), "grad_norm": totals["grad_norm"] + torch.where(skip > 0, 0.0, grad_norm),
+            "quarters": totals["quarters"] + quarters, "skipped": totals["skipped"] + skip, "run": run,
+            "began": torch.where(run > totals["longest"], step - run + 1, totals["began"]),
+            "longest": torch.maximum(totals["longest"], run)}
 
 
 def save_grid(run, step):
@@ -318,7 +281,7 @@ def setup(args):
         torch.manual_seed(args.seed + rank + 1_000_003 * step)
     net = model  # what the loop calls, compiled and DDP-wrapped; `model` stays the raw module
     if args.use_compile or (args.use_compile is None and device.type == "cuda"):
-        net = torch.compile(net)
+        net = torch.compile(net, mode=args.compile_mode)
     if world > 1:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
@@ -332,61 +295,59 @@ def setup(args):
 
 
 def loop(run):
-    """Train from run.step to --max-steps; rank 0 logs, saves and draws grids. Returns the signal
-    that stopped the run early, or 0."""
+    """Train from run.step to --max-steps. The host reads the device (the totals) and exchanges
+    the interrupt flag with the other ranks only at fixed steps, the same on every rank: the log
+    lines and every write; one process also at once after a signal. Rank 0 logs, saves and draws
+    the grids. Returns the signal that stopped the run early, or 0."""
     args, step, model, ema = run.args, run.step, run.model, run.ema
     params, ema_params = list(model.parameters()), list(ema.parameters())
     state = lambda: checkpoint.state(model, ema, run.optimizer, run.scaler, step, args, run.classes, run.device)
     data = batches(run.dataset, args.batch_size, args.seed, run.rank, run.world, step, run.device, args.workers)
-    log = RunLog(args, step, run.world) if run.rank == 0 else None
-    interrupt, stop, bad_steps, skipped, loss_sum, norm_sum, quarters = common.Interrupt(), 0, 0, 0, 0, 0, 0
+    log = common.RunLog(args, step, run.world) if run.rank == 0 else None
+    zero = lambda: torch.zeros((), device=run.device)
+    totals = {k: zero() for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
+    totals["quarters"], interrupt, stop = torch.zeros(2, 4, device=run.device), common.Interrupt(), 0
     try:
         while step < args.max_steps:
-            if not bad_steps:  # after a skipped update the batch is tried again (new noise, new t):
-                batch = next(data)  # step i always trains on batch i, as a resumed run expects
-            x, y = batch
+            x, y = next(data)  # step i trains on batch i, skipped or not: a resumed run goes on from there
             if run.dataset.hflip:
                 x = random_hflip(x)
             if args.class_cond:  # drop labels so the model also learns p(x) (Ho & Salimans 2022)
                 y = torch.where(torch.rand(y.shape, device=x.device) < args.label_dropout, len(run.classes), y)
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(step, args)
-            losses, t, grad_norm, bad = train_step(run.net, run.diffusion, run.optimizer, run.scaler, params, x,
-                                                   y if args.class_cond else None, args, run.dtype)
-            # every rank must skip, and stop, at the same step: one flag each, the max over ranks
-            # (in fp16 the scaler takes an inf gradient for an overflow: only the rank with the
-            # bad loss knows the step was bad)
-            flags = torch.tensor([bad, interrupt.signum or 0])
-            if run.world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            if bad:
-                bad_steps, skipped = bad_steps + 1, skipped + 1
-                print(f"step {step + 1}: non-finite loss or gradient, update skipped "
-                      f"({bad_steps} in a row)", file=sys.stderr, flush=True)
-                if bad_steps >= args.max_bad_steps:
-                    raise FloatingPointError(f"{bad_steps} steps in a row with a non-finite loss or "
-                                             f"gradient, up to step {step + 1}; stopped without saving")
-                continue  # the step counter does not move
-            bad_steps = 0
-            update_ema(ema_params, params, step, args.ema_decay)
+            losses, t, grad_norm, skip, bad = train_step(run.net, run.diffusion, run.optimizer, run.scaler, params,
+                                                         x, y if args.class_cond else None, args, run.dtype, run.world)
+            update_ema(ema_params, params, step, args.ema_decay, skip)
             step += 1
-            # summed on the device, read once a log line: no wait for the GPU at every step
-            loss_sum, norm_sum = loss_sum + losses.mean(), norm_sum + grad_norm
-            quarters = quarters + by_quarter(losses, t, args.timesteps)
+            totals = tally(totals, losses, t, grad_norm, skip, bad, step, args.timesteps)
+            logs, saves, grids = (step % n == 0 or step == args.max_steps
+                                  for n in (args.log_every, args.save_every, args.sample_every))
+            keeps = args.keep_every and step % args.keep_every == 0
+            if not (logs or saves or grids or keeps or run.world == 1 and interrupt.signum):
+                continue
+            stop = torch.tensor(interrupt.signum or 0)
+            if run.world > 1:  # Ctrl-C on any rank stops them all, here
+                dist.all_reduce(stop, dist.ReduceOp.MAX)
+            stop, read = stop.item(), {k: v.tolist() for k, v in totals.items()}
+            if read["longest"] >= args.max_bad_steps:  # every rank skipped the same steps: all stop here
+                raise FloatingPointError(f"{read['longest']:.0f} steps in a row with a non-finite loss or gradient "
+                                         f"from step {read['began']:.0f}; stopped without saving")
+            if logs:
+                totals.update({k: zero() for k in ("loss", "grad_norm", "skipped", "longest", "began")},
+                              quarters=torch.zeros(2, 4, device=run.device))
             if run.rank > 0:  # only rank 0 logs, saves and samples
                 if stop:
                     break
                 continue
-            if step % args.log_every == 0 or step == args.max_steps:
-                log.line(step, loss_sum, norm_sum, quarters, skipped)
-                skipped, loss_sum, norm_sum, quarters = 0, 0, 0, 0
-            if step % args.save_every == 0 or step == args.max_steps or stop:  # first: whatever the grid does
+            if logs:
+                log.line(step, read, learning_rate(step - 1, args))
+            if saves or stop:  # first: whatever the grid does
                 checkpoint.save(state(), run.ckpt_path)
-            if args.keep_every and step % args.keep_every == 0:  # a history to sample from and score (fid.py)
+            if keeps:  # a history to sample from and score (fid.py)
                 checkpoint.save(checkpoint.ema_export(state()), os.path.join(
                     args.out_dir, "snapshots", f"ema_{step:07d}.pt"), keep_previous=False)
-            if step % args.sample_every == 0 or step == args.max_steps:
+            if grids:
                 log.grid(step, save_grid(run, step))
             if stop:
                 print(f"saved {run.ckpt_path} at step {step}; resume with --resume", file=sys.stderr)

@@ -608,6 +608,7 @@ def torchrun_two_ranks(tmp_path, on_loss, argv, patch=""):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, dtype", [("cpu", "float32"), ("cpu", "float16"), pytest.param(
     "cuda", "auto", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
 def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
@@ -625,6 +626,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path, device, dtype):
     assert all(torch.equal(a[k], saved[k]) for k in a)  # no "module." prefixes
 
 
+@pytest.mark.slow
 def test_ddp_rank_0_loads_the_data_before_the_others_start(tmp_path):
     # cifar10 and mnist download into one folder: two processes writing it at once corrupt it
     done = str(tmp_path / "rank0_loaded")
@@ -641,6 +643,7 @@ def test_ddp_rank_0_loads_the_data_before_the_others_start(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_ddp_a_signal_to_one_rank_stops_both_and_saves(tmp_path):
     # rank 1 alone gets SIGTERM during its 2nd step (as from a scheduler that signals one process)
     on_loss = "lambda rank, n: os.kill(os.getpid(), signal.SIGTERM) or 1.0 if rank == 1 and n == 2 else 1.0"
@@ -751,11 +754,31 @@ def one_line_error(capsys, main, argv):
     return message.strip()
 
 
-@pytest.fixture
+def folder_contents(folder):
+    return {path: open(path, "rb").read() for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True))
+            if os.path.isfile(path)}
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
+    """A 1-step TINY run, trained once for the session: tests only read its folder (one that runs
+    train.py on it takes trained_copy), and that they left it as it was is checked at the end."""
     out = tmp_path_factory.mktemp("trained")
-    train.main(["--out-dir", str(out), "--max-steps", "1", *TINY])
-    return out
+    cwd = os.getcwd()
+    os.chdir(out)  # as in every test: nothing of the clone's is read or written
+    try:
+        train.main(["--out-dir", str(out), "--max-steps", "1", *TINY])
+    finally:
+        os.chdir(cwd)
+    before = folder_contents(out)
+    yield out
+    assert folder_contents(out) == before, "a test changed the shared `trained` folder: give it trained_copy"
+
+
+@pytest.fixture
+def trained_copy(trained, tmp_path_factory):
+    """A copy of `trained` of the test's own, for one that runs train.py on its folder."""
+    return shutil.copytree(trained, tmp_path_factory.mktemp("trained_copy") / "out")
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -841,7 +864,8 @@ def test_unwritable_out_dir_is_one_line(capsys, tmp_path):
     assert "cannot write to --out-dir" in one_line_error(capsys, train.main, argv)
 
 
-def test_resume_errors_are_one_line(capsys, tmp_path, trained):
+def test_resume_errors_are_one_line(capsys, tmp_path, trained_copy):
+    trained = trained_copy  # train.py runs on its folder (and must leave it as it was)
     assert "no checkpoint at" in one_line_error(capsys, train.main, ["--out-dir", str(tmp_path), "--resume"])
     before = (trained / "ckpt.pt").read_bytes()  # a forgotten --resume must not overwrite a run
     message = one_line_error(capsys, train.main, ["--out-dir", str(trained), *TINY])
@@ -993,6 +1017,7 @@ def test_npz_and_png_export_and_start_gives_the_same_images(tmp_path, trained):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / "000004.png")), everything["arr_0"][4, :, :, 0])
 
 
+@pytest.mark.slow
 def test_torchrun_export_shares_the_images_out_and_matches_one_process(tmp_path, trained):
     args = ["--ckpt", str(trained / "ckpt.pt"), "--method", "dpm", "--steps", "3", "--device", "cpu",
             "--num-samples", "5", "--batch-size", "2"]
@@ -1133,17 +1158,37 @@ def test_a_corrupt_checkpoint_points_to_the_previous_one(capsys, tmp_path):
 
 
 def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
-    # the first step stalls for 4 s, as compiling does on a GPU: only the first line's speed may show it
-    # (since the start, even the 4th line would read at most 32 images / 4 s = 8 img/s)
+    # a line's img/s is (steps since the last line) x batch / (seconds since the last line), read
+    # from train.py's clock: here a fake one that only each training step moves, by known amounts,
+    # so that no machine's speed shows. The first step stalls for 4 s, as compiling does on a GPU:
+    # only the first line's speed may show it (since the start, even the 4th line would read at
+    # most 32 images / 4 s = 8 img/s)
+    seconds = [4, 0, 0.5, 0.25, 0.125, 0.125, 0.25, 0.25]  # of each step; batch 4, a line every 2 steps
+    now = [1000.0]
+
+    class Clock:  # train.py's `time`, but for time.time()
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        def time(self):
+            return now[0]
     real_step, calls = train.train_step, []
     def stalling_step(*args):
         calls.append(1)
-        time.sleep(4 if len(calls) == 1 else 0)
+        now[0] += seconds[len(calls) - 1]
         return real_step(*args)
+    monkeypatch.setattr(train, "time", Clock())
     monkeypatch.setattr(train, "train_step", stalling_step)
-    train.main(["--out-dir", str(tmp_path), "--max-steps", "4", "--sample-every", "1000", *TINY])
-    speeds = [float(s) for s in re.findall(r"([\d.]+) img/s", capsys.readouterr().out)]  # batch 8, 1 step a line
+    train.main(["--out-dir", str(tmp_path), "--max-steps", "8", "--sample-every", "1000", *TINY,
+                "--batch-size", "4", "--log-every", "2"])
+    speeds = [float(s) for s in re.findall(r"([\d.]+) img/s", capsys.readouterr().out)]
     assert len(speeds) == 4 and speeds[0] <= 2 and min(speeds[1:]) > 10  # 8 images: over 4 s, then under 0.8 s
+    expected = [2 * 4 / (a + b) for a, b in zip(seconds[::2], seconds[1::2])]  # 2, 10.7, 32 and 16 img/s
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["img_per_s"]) for row in rows] == pytest.approx(expected, rel=1e-12)
+    assert speeds == [round(v, 1) for v in expected] and len(calls) == 8
+    assert float(rows[-1]["minutes"]) == pytest.approx(sum(seconds) / 60, rel=1e-12)  # since the start
 
 
 def wandb_runs(out):
@@ -1225,20 +1270,21 @@ def test_checkpoint_is_saved_even_when_the_grid_fails(tmp_path, monkeypatch):
 
 
 def test_dpm_solver_20_steps_is_closer_to_the_ode_than_ddim_20(tmp_path):
+    # a small network briefly trained (DDIM-20's error is 3.5-7x DPM-Solver++'s from 80 to 600 steps)
     out = tmp_path / "out"
-    train.main(["--out-dir", str(out), "--max-steps", "600", "--channels", "16,32", "--attention", "0,0",
-                "--num-res", "1", "--neck-length", "1", "--batch-size", "16", "--lr", "2e-3", "--device", "cpu",
-                "--warmup-steps", "20", "--log-every", "100", "--sample-every", "1000"])
+    train.main(["--out-dir", str(out), "--max-steps", "100", "--channels", "8,16", "--attention", "0,0",
+                "--num-res", "1", "--neck-length", "1", "--time-emb-dim", "16", "--batch-size", "16", "--lr", "2e-3",
+                "--device", "cpu", "--warmup-steps", "20", "--log-every", "100", "--sample-every", "1000"])
     ckpt = load_checkpoint(out / "ckpt.pt")
     model = UNet(UNetConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["ema"])
     model.eval()
     d = Diffusion(1000)
-    run = lambda method, steps: d.sample(model, (16, 1, 28, 28), method, steps, generator=torch.Generator().manual_seed(0))
-    reference = run("ddim", 500)
+    run = lambda method, steps: d.sample(model, (8, 1, 28, 28), method, steps, generator=torch.Generator().manual_seed(0))
+    reference = run("ddim", 200)
     dpm_error = (run("dpm", 20) - reference).pow(2).mean().item()
     ddim_error = (run("ddim", 20) - reference).pow(2).mean().item()
-    print(f"mean squared difference to DDIM-500: DPM-Solver++ 20 steps {dpm_error:.5f}, DDIM 20 steps {ddim_error:.5f}")
+    print(f"mean squared difference to DDIM-200: DPM-Solver++ 20 steps {dpm_error:.5f}, DDIM 20 steps {ddim_error:.5f}")
     assert dpm_error < ddim_error
 
 

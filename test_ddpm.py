@@ -1159,14 +1159,14 @@ def test_a_corrupt_checkpoint_points_to_the_previous_one(capsys, tmp_path):
 
 def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
     # a line's img/s is (steps since the last line) x batch / (seconds since the last line), read
-    # from train.py's clock: here a fake one that only each training step moves, by known amounts,
+    # from the log's clock: here a fake one that only each training step moves, by known amounts,
     # so that no machine's speed shows. The first step stalls for 4 s, as compiling does on a GPU:
     # only the first line's speed may show it (since the start, even the 4th line would read at
     # most 32 images / 4 s = 8 img/s)
     seconds = [4, 0, 0.5, 0.25, 0.125, 0.125, 0.25, 0.25]  # of each step; batch 4, a line every 2 steps
     now = [1000.0]
 
-    class Clock:  # train.py's `time`, but for time.time()
+    class Clock:  # the log's `time` (common.RunLog), but for time.time()
         def __getattr__(self, name):
             return getattr(time, name)
 
@@ -1177,7 +1177,7 @@ def test_the_logged_speed_is_since_the_last_line(tmp_path, monkeypatch, capsys):
         calls.append(1)
         now[0] += seconds[len(calls) - 1]
         return real_step(*args)
-    monkeypatch.setattr(train, "time", Clock())
+    monkeypatch.setattr(common, "time", Clock())
     monkeypatch.setattr(train, "train_step", stalling_step)
     train.main(["--out-dir", str(tmp_path), "--max-steps", "8", "--sample-every", "1000", *TINY,
                 "--batch-size", "4", "--log-every", "2"])
@@ -1810,6 +1810,7 @@ def test_a_planted_item_in_the_step_is_counted(monkeypatch):
     assert reads.per_step[3] == reads.per_step[4] == 1
 
 
+@pytest.mark.slow
 def test_ddp_steps_read_nothing_from_the_device_between_the_log_steps(tmp_path):
     patch = ("import atexit, test_ddpm\n"
              "reads = test_ddpm.HostReads()\n"

@@ -255,11 +255,11 @@ def safe_load(file, path, what="checkpoint"):
         return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {what} at {path}") from None
-    except Exception as e:  # pickled code, a truncated file, not a torch file at all
-        reason = "truncated, or not a torch file"
-        if isinstance(e, pickle.UnpicklingError):
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            reason = f"it holds pickled code ({found.group(1) if found else 'not plain data'}), which was not run"
+    except Exception as e:  # pickled code, a truncated file, not a torch file at all, or no file to open
+        if isinstance(e, OSError) and e.filename is not None:  # a symlink loop, no permission
+            raise OSError(f"cannot read the {what} {path}: {e.strerror}") from None
+        found = isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+)", str(e))
+        reason = f"it holds pickled code ({found.group(1)}), which was not run" if found else "truncated, or not a torch file"
         raise ValueError(f"{path} is not a safe, readable {what}: {reason}") from None
 
 

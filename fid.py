@@ -238,14 +238,15 @@ def score(args):
     paths = sorted(glob.glob(args.ckpt)) if glob.has_magic(args.ckpt) else [args.ckpt]  # or a hub name
     if not paths:
         raise FileNotFoundError(f"no checkpoint at --ckpt {args.ckpt}")
-    net, tag = extractor(args, device)
-    rows, refs = [], {}
+    rows, refs, net = [], {}, None
     for path in paths:
         model, diffusion, label, ckpt = sample.load(path, args, device)
-        t0 = time.time()  # the reference first: a wrong one fails before the sampling
         key = (args.ref or ckpt["args"]["dataset"], args.data_dir or ckpt["args"]["data_dir"], args.image_size)
         if key[0] is None:  # a published network
             raise ValueError(f"{path} was not trained here: give --ref, the images to score it against")
+        if net is None:  # once a checkpoint is read: a refused one does not wait for the digit classifier to train
+            net, tag = extractor(args, device)
+        t0 = time.time()  # the reference first: a wrong one fails before the sampling
         if key not in refs:
             refs[key] = reference(args, *key, net, device, tag)
         t1 = time.time()

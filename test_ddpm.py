@@ -1,6 +1,7 @@
 """Tests: CPU only, tiny shapes, fixed seeds. Run with `python -m pytest -q`."""
 import csv
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -30,6 +31,7 @@ import model
 from diffusion import Diffusion, cosine_betas, linear_betas, randn
 from model import UNet, UNetConfig
 import checkpoint
+import pretrained
 from checkpoint import load as load_checkpoint
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -1545,7 +1547,8 @@ def test_a_hub_name_without_network_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, SCRIPT["sample.py"], "--ckpt", "google/ddpm-cifar10-32"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: could not download google/ddpm-cifar10-32 from the Hugging Face hub")
+    assert result.stderr.startswith("error: could not download google/ddpm-cifar10-32's config.json from the Hugging "
+                                    "Face hub (HF_HUB_OFFLINE is set), and it is not in the hub's cache")
 
 
 def test_a_hub_name_that_does_not_exist_is_one_line(capsys, monkeypatch):
@@ -1556,6 +1559,7 @@ def test_a_hub_name_that_does_not_exist_is_one_line(capsys, monkeypatch):
         Exception.__init__(error, f"404: {name}")
         raise error
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # else the hub is not asked
     error = one_line_error(capsys, sample.main, ["--ckpt", "nobody/no-such-model"])
     assert "no model nobody/no-such-model on the Hugging Face hub, nor a file or folder" in error
 
@@ -1844,3 +1848,210 @@ def test_compile_mode_is_handed_to_torch_compile(tmp_path, monkeypatch, capsys):
     train.main(["--out-dir", str(tmp_path), "--max-steps", "1", *TINY, "--compile", "--compile-mode", "reduce-overhead"])
     assert modes == ["reduce-overhead"]
     assert "invalid choice: 'fast'" in one_line_error(capsys, train.main, ["--compile-mode", "fast"])
+# ---------------------------------------------------------------- published networks as users meet them
+
+# Ho et al.'s layout at 16 px and two levels: small enough for a few CPU steps
+HO_16 = dict(HO_CIFAR10, block_out_channels=[128, 128], layers_per_block=1, sample_size=16,
+             down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+
+
+@pytest.fixture(scope="module")
+def ho_16(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddpm-16")
+    return folder, diffusers_folder(folder, HO_16)
+
+
+def hub_cache(root, folder, files, absent=(), repo="org/ddpm-16"):
+    """`files` of `folder` in a huggingface_hub cache at `root`, laid out as hf_hub_download
+    leaves them (blobs, a snapshot of links to them, refs/main), and a .no_exist marker (the
+    hub said it has no such file) per file in `absent`. Returns the snapshot folder."""
+    commit, repo_dir = "0123456789abcdef0123456789abcdef01234567", root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    (repo_dir / "blobs").mkdir()
+    for file in files:
+        blob, link = repo_dir / "blobs" / hashlib.sha256(file.encode()).hexdigest(), repo_dir / "snapshots" / commit / file
+        shutil.copyfile(folder / file, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for file in absent:
+        (repo_dir / ".no_exist" / commit / file).parent.mkdir(parents=True, exist_ok=True)
+        (repo_dir / ".no_exist" / commit / file).touch()
+    return repo_dir / "snapshots" / commit
+
+
+NET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_a_cached_hub_model_loads_offline_and_draws_what_its_snapshot_folder_draws(tmp_path, ho_16):
+    # as after hf_hub_download of the network's files alone: scheduler_config.json never asked for
+    snapshot = hub_cache(tmp_path / "hub", ho_16[0], NET_FILES)
+    flags = ["--method", "ddim", "--steps", "1", "--nrow", "1", "--seed", "3", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, SCRIPT["sample.py"], "--ckpt", "org/ddpm-16", *flags, "--out", "hub.png"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "org/ddpm-16's scheduler_config.json is not in the Hugging Face hub's cache" in warned[0]
+    assert "DDPMScheduler's defaults are used" in warned[0]
+    sample.main(["--ckpt", str(snapshot), *flags, "--out", "folder.png"])
+    assert np.array_equal(np.asarray(Image.open("hub.png")), np.asarray(Image.open("folder.png")))
+
+
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """huggingface_hub with its cache in tmp_path/hub and no network: the files it was asked for."""
+    import huggingface_hub
+    asked = []
+
+    def unreachable(name, file, **kwargs):  # what hf_hub_download raises, after its retries, without network
+        asked.append(file)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("An error happened while trying to locate the file")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    return asked
+
+
+def test_the_hub_cache_is_read_before_the_hub_is_asked(tmp_path, capsys, ho_16, no_network):
+    # the hub said it has no scheduler_config.json (.no_exist): nothing to ask, nothing to warn of
+    hub_cache(tmp_path / "hub", ho_16[0], NET_FILES, absent=["scheduler_config.json"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt = load_checkpoint("org/ddpm-16")
+    assert no_network == [] and ckpt["diffusion"]["variance"] == "small" and ckpt["diffusion"]["clip"]
+    # never asked for: the hub is asked once, and then not again; a warning says the defaults are used
+    shutil.rmtree(tmp_path / "hub")
+    hub_cache(tmp_path / "hub", ho_16[0], NET_FILES)
+    with pytest.warns(UserWarning, match="scheduler_config.json is not in the Hugging Face hub's cache"):
+        load_checkpoint("org/ddpm-16")
+    assert no_network == ["scheduler_config.json"]
+    # a file the network needs: one line that names it
+    shutil.rmtree(tmp_path / "hub")
+    hub_cache(tmp_path / "hub", ho_16[0], ["config.json", "scheduler_config.json"])
+    message = one_line_error(capsys, sample.main, ["--ckpt", "org/ddpm-16"])
+    assert "could not download org/ddpm-16's diffusion_pytorch_model.safetensors from the Hugging Face hub" in message
+    # a mistyped local path: not a file or folder here, and what the hub answered
+    message = one_line_error(capsys, sample.main, ["--ckpt", "runs/ckpt"])
+    assert "could not download runs/ckpt's config.json" in message
+    assert "nor is there a file or folder runs/ckpt here" in message
+
+
+def pipeline(folder):
+    """The folder rearranged in diffusers' pipeline layout: unet/, scheduler/, model_index.json."""
+    (folder / "unet").mkdir()
+    for file in NET_FILES:
+        shutil.move(folder / file, folder / "unet" / file)
+    (folder / "scheduler").mkdir()
+    shutil.move(folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+
+
+def write(file, text):
+    return lambda folder: (folder / file).write_bytes(text.encode() if isinstance(text, str) else text)
+
+
+def edit_json(file, **changes):
+    return lambda folder: (folder / file).write_text(json.dumps({**json.loads((folder / file).read_text()), **changes}))
+
+
+def cut(fraction):
+    def change(folder):
+        data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(data[:int(fraction * len(data))])
+    return change
+
+
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:4c3a0f0a\nsize 143502516\n"
+
+
+@pytest.mark.parametrize("change, file, expected", [
+    (write("config.json", "{'in_channels': 3"), "config.json", "is not valid JSON (Expecting property name"),
+    (write("scheduler_config.json", "{\"beta"), "scheduler_config.json", "is not valid JSON"),
+    (lambda f: (pipeline(f), write("model_index.json", "\xff")(f)), "model_index.json", "is not valid JSON"),
+    (write("config.json", "[1, 2]"), "config.json", "holds a JSON list, not an object of settings"),
+    (lambda f: write("config.json", json.dumps({k: v for k, v in HO_16.items() if k != "in_channels"}))(f),
+     "config.json", "lacks in_channels"),
+    (edit_json("config.json", sample_size=0), "config.json", "sample_size 0 is not a positive number"),
+    (edit_json("config.json", down_block_types=[], up_block_types=[], block_out_channels=[]), "config.json",
+     "are not lists of one width or block name per level"),
+    (edit_json("config.json", attn_norm_num_groups=16), "config.json",
+     "not in Ho et al.'s layout (attn_norm_num_groups 16, not None)"),
+    (edit_json("config.json", resnet_time_scale_shift="scale_shift"), "config.json",
+     "resnet_time_scale_shift scale_shift, not default"),
+    (edit_json("config.json", block_out_channels=[128, 256]), "diffusion_pytorch_model.safetensors",
+     "does not fit its config.json: its downs.1.res.0.conv1.weight (HoUNet's name) is (128, 128, 3, 3), the config's "
+     "(256, 128, 3, 3)"),
+    (edit_json("scheduler_config.json", trained_betas=[1e-4] * 1000), "scheduler_config.json", "trained_betas [0.0001"),
+    (edit_json("scheduler_config.json", thresholding=True), "scheduler_config.json", "thresholding True has no"),
+    (edit_json("scheduler_config.json", clip_sample_range=2.0), "scheduler_config.json", "clip_sample_range 2.0 has"),
+    (cut(0.5), "diffusion_pytorch_model.safetensors", "is incomplete or not a safetensors file"),
+    (cut(0.0001), "diffusion_pytorch_model.safetensors", "download it again"),
+    (write("diffusion_pytorch_model.safetensors", LFS), "diffusion_pytorch_model.safetensors", "run `git lfs pull`"),
+    (lambda f: (os.remove(f / NET_FILES[1]), zipfile_of_garbage(f / "diffusion_pytorch_model.bin")),
+     "diffusion_pytorch_model.bin", "truncated, or not a torch file"),
+    (lambda f: (os.remove(f / NET_FILES[1]), (f / "diffusion_pytorch_model.bin").symlink_to("diffusion_pytorch_model.bin")),
+     "diffusion_pytorch_model.bin", "Too many levels of symbolic links"),
+])
+def test_malformed_published_files_are_one_line_that_names_the_file(tmp_path, capsys, ho_16, change, file, expected):
+    shutil.copytree(ho_16[0], tmp_path / "net")
+    change(tmp_path / "net")
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "net")])
+    assert file in message and expected in message and len(message) <= 300 + len(str(tmp_path)), message
+
+
+def zipfile_of_garbage(path):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02garbage")
+        archive.writestr("archive/version", b"3\n")
+
+
+def test_a_config_is_read_as_diffusers_reads_it(tmp_path, capsys, ho_16):
+    from diffusers import UNet2DModel
+    # only what Ho's layout needs said: the rest is diffusers' default, and it is Ho's
+    sparse = {k: HO_16[k] for k in pretrained.REQUIRED} | dict(
+        flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding=0, attention_head_dim=None,
+        sample_size=[16, 16], dropout=0.1)
+    shutil.copytree(ho_16[0], tmp_path / "net")
+    (tmp_path / "net" / "config.json").write_text(json.dumps(sparse))
+    ours, theirs = checkpoint.from_pretrained(str(tmp_path / "net")), UNet2DModel.from_pretrained(tmp_path / "net").eval()
+    assert not ours.training  # eval mode: dropout off, the same output at each call
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in (0, 999):
+            assert (ours(x, torch.full((2,), t)) - theirs(x, torch.full((2,), t)).sample).abs().max() <= 1e-4
+    # left out, those settings are diffusers' defaults, not Ho's: refused, naming them
+    (tmp_path / "net" / "config.json").write_text(json.dumps({k: HO_16[k] for k in pretrained.REQUIRED}))
+    message = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "net")])
+    assert "not in Ho et al.'s layout (attention_head_dim 8, not None; downsample_padding 1, not 0; flip_sin_to_cos " \
+           "True, not False; freq_shift 0, not 1; norm_eps 1e-05, not 1e-06; a setting left out" in message
+
+
+def test_init_from_carries_clip_sample_into_its_grids_checkpoints_and_resume(tmp_path, capsys, monkeypatch, ho_16):
+    shutil.copytree(ho_16[0], tmp_path / "net")
+    edit_json("scheduler_config.json", clip_sample=False)(tmp_path / "net")
+    write_images(tmp_path / "imgs", [f"{i:02d}.png" for i in range(4)], (20, 20))
+    grids = []
+    monkeypatch.setattr(sample, "sample_grid", lambda diffusion, *args, **kwargs: grids.append(diffusion.clip))
+    argv = ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--out-dir", str(tmp_path / "out"),
+            "--batch-size", "2", "--device", "cpu"]
+    train.main(argv + ["--init-from", str(tmp_path / "net"), "--max-steps", "1"])
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["diffusion"]["clip"] is False
+    train.main(argv + ["--resume", "--max-steps", "2"])
+    assert grids == [False, False]
+    ckpt_path = str(tmp_path / "out" / "ckpt.pt")
+    assert load_checkpoint(ckpt_path)["diffusion"]["clip"] is False
+    assert sample.load(ckpt_path, sample.parse_args([]), torch.device("cpu"))[1].clip is False
+    # weights that do not fit the config: one line naming the first tensor, in --init-from too
+    edit_json("config.json", block_out_channels=[128, 256])(tmp_path / "net")
+    message = one_line_error(capsys, train.main, argv[:-4] + ["--init-from", str(tmp_path / "net"), "--out-dir",
+                                                              str(tmp_path / "o2")])
+    assert "diffusion_pytorch_model.safetensors does not fit its config.json: its downs.1.res.0.conv1.weight" in message
+
+
+def test_fid_reads_the_checkpoint_before_it_trains_its_digit_classifier(tmp_path, capsys, monkeypatch, ho_16):
+    shutil.copytree(ho_16[0], tmp_path / "net")
+    edit_json("scheduler_config.json", thresholding=True)(tmp_path / "net")
+    monkeypatch.setattr(fid, "extractor", lambda *args: pytest.fail("the digit classifier came first"))
+    message = one_line_error(capsys, fid.main, ["--ckpt", str(tmp_path / "net"), "--features", "digits", "--device", "cpu"])
+    assert "scheduler_config.json: thresholding True has no equivalent here" in message

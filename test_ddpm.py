@@ -1848,6 +1848,8 @@ def test_compile_mode_is_handed_to_torch_compile(tmp_path, monkeypatch, capsys):
     train.main(["--out-dir", str(tmp_path), "--max-steps", "1", *TINY, "--compile", "--compile-mode", "reduce-overhead"])
     assert modes == ["reduce-overhead"]
     assert "invalid choice: 'fast'" in one_line_error(capsys, train.main, ["--compile-mode", "fast"])
+
+
 # ---------------------------------------------------------------- published networks as users meet them
 
 # Ho et al.'s layout at 16 px and two levels: small enough for a few CPU steps

@@ -125,10 +125,10 @@ def from_pretrained(name_or_folder):
 def settings(ckpt):
     """train.py's flags that a checkpoint's network and diffusion fix, and its image size."""
     d = ckpt["diffusion"]
-    own = {"layout": "ours", "variance": "small", **ckpt["model_config"], "timesteps": d["T"], "schedule":
-           d["schedule"], "objective": d["objective"], "clip": d.get("clip", True),
+    own = {"layout": "ours", **ckpt["model_config"], "timesteps": d["T"], "schedule": d["schedule"],
+           "objective": d["objective"], "variance": d.get("variance", "small"), "clip": d.get("clip", True),
            "image_size": ckpt["args"]["image_size"], "class_cond": ckpt["model_config"].get("num_classes", 0) > 0}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in {**own, "variance": d.get("variance", "small")}.items()}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in own.items()}
 
 
 def resume(args, path):

@@ -149,9 +149,9 @@ def rounds(first, num_samples, batch_size, world):
                for i in range(start, start + batch_size * world, batch_size)]
 
 
-def sample_grid(diffusion, model, args, label, device, name="sample", **given):
+def sample_grid(diffusion, model, args, label, device, name="sample", progress=True, **given):
     """One grid PNG (and a GIF of the denoising when asked), by default name_<method>.png beside
-    the checkpoint; `given` goes to generate. Returns the PNG's path."""
+    the checkpoint, with a progress bar unless told; `given` goes to generate. Returns the PNG's path."""
     num_classes = model.config.num_classes
     if label == "all":
         n, nrow = args.nrow * num_classes, args.nrow
@@ -166,7 +166,7 @@ def sample_grid(diffusion, model, args, label, device, name="sample", **given):
     for flag, path in (("--out", out), ("--gif", args.gif)):
         if path:
             common.writable(path, flag)
-    frames, bar = [], tqdm(desc=f"{args.method} x {n} images", unit="step", file=sys.stderr)
+    frames, bar = [], tqdm(desc=f"{args.method} x {n} images", unit="step", file=sys.stderr, disable=not progress)
 
     def callback(i, steps, x, x0):
         bar.total = steps

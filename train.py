@@ -225,8 +225,9 @@ def tally(totals, losses, t, grad_norm, skip, bad, step, T):
     quarter = t * 4 // T
     quarters = torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, keep.expand_as(losses)]))
     run = (totals["run"] + 1) * bad
-    return {"loss": totals["loss"] + losses.mean(), "grad_norm": totals["grad_norm"] + torch.where(skip > 0, 0.0, grad_norm),
-            "quarters": totals["quarters"] + quarters, "skipped": totals["skipped"] + skip, "run": run,
+    return {"loss": totals["loss"] + losses.mean(), "quarters": totals["quarters"] + quarters,
+            "grad_norm": totals["grad_norm"] + torch.where(skip > 0, 0.0, grad_norm),
+            "skipped": totals["skipped"] + skip, "run": run,
             "began": torch.where(run > totals["longest"], step - run + 1, totals["began"]),
             "longest": torch.maximum(totals["longest"], run)}
 
@@ -237,7 +238,7 @@ def save_grid(run, step):
     path = os.path.join(run.args.out_dir, "samples", f"step_{step:07d}.png")
     flags = sample.parse_args(["--nrow", "10" if run.classes else "4", "--seed", str(run.args.seed), "--out", path])
     flags.image_size = run.args.image_size
-    return sample.sample_grid(run.diffusion, run.ema, flags, "all" if run.classes else None, run.device)
+    return sample.sample_grid(run.diffusion, run.ema, flags, "all" if run.classes else None, run.device, progress=False)
 
 
 # ---------------------------------------------------------------- the run
@@ -288,7 +289,8 @@ def setup(args):
         print(f"{args.dataset} ({len(dataset)} images, {args.image_size} px) | {type(model).__name__} with "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device}, "
               f"{world} process(es), {dtype or torch.float32} | steps {step} -> {args.max_steps}")
-    diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device, args.variance, getattr(args, "clip", True))
+    clip = getattr(args, "clip", True)  # False only from --init-from a network whose scheduler does not clip
+    diffusion = Diffusion(args.timesteps, args.schedule, args.objective, device, args.variance, clip)
     return types.SimpleNamespace(args=args, rank=rank, world=world, device=device, dtype=dtype, dataset=dataset,
                                  classes=classes, model=model, ema=ema, optimizer=optimizer, scaler=scaler, net=net,
                                  diffusion=diffusion, ckpt_path=ckpt_path, step=step)

@@ -188,8 +188,7 @@ def bench(args):
     print(f"train  batch {args.batch_size}: {seconds * 1e3:.1f} ms/step, {images:.1f} img/s, "
           f"{achieved:.1f} GFLOP/s, MFU {achieved / peak * 100:.1f}%")
     if args.run_steps:
-        totals = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
-        totals["quarters"] = torch.zeros(2, 4, device=device)
+        totals = train.zero_totals(device)
 
         def loop_step():  # the body of train.loop: the step, the EMA, the device-side totals
             nonlocal totals

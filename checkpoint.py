@@ -25,6 +25,7 @@ from dataclasses import asdict
 import torch
 
 import common
+import pretrained
 from model import UNetConfig, build_unet
 
 EXPORT = ("ema", "model_config", "diffusion", "args", "step", "classes")
@@ -85,7 +86,6 @@ def load(path, full=None):
     path = os.fspath(path)
     if os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path) \
             and not path.endswith((".pt", ".pth")):
-        import pretrained
         ckpt = pretrained.checkpoint(path)
     else:
         try:

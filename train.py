@@ -215,6 +215,12 @@ def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype, wor
     return losses.detach(), t, grad_norm, skip, flags[0] if scaler.is_enabled() else skip
 
 
+def zero_totals(device, run=None):
+    """The totals `tally` adds to, at 0; `run`, the bad steps in a row so far, goes on across log lines."""
+    totals = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
+    return {**totals, "quarters": torch.zeros(2, 4, device=device), **({} if run is None else {"run": run})}
+
+
 def tally(totals, losses, t, grad_norm, skip, bad, step, T):
     """Add a step to the device-side totals that a log line reads: loss and gradient norm summed
     over the updates made, loss and count per quarter of the timestep range (q0 is t < T/4, fine
@@ -230,6 +236,11 @@ def tally(totals, losses, t, grad_norm, skip, bad, step, T):
             "skipped": totals["skipped"] + skip, "run": run,
             "began": torch.where(run > totals["longest"], step - run + 1, totals["began"]),
             "longest": torch.maximum(totals["longest"], run)}
+
+
+def run_state(run, step):
+    """The run's checkpoint at `step` (see checkpoint.py)."""
+    return checkpoint.state(run.model, run.ema, run.optimizer, run.scaler, step, run.args, run.classes, run.device)
 
 
 def save_grid(run, step):
@@ -303,12 +314,9 @@ def loop(run):
     the grids. Returns the signal that stopped the run early, or 0."""
     args, step, model, ema = run.args, run.step, run.model, run.ema
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    state = lambda: checkpoint.state(model, ema, run.optimizer, run.scaler, step, args, run.classes, run.device)
     data = batches(run.dataset, args.batch_size, args.seed, run.rank, run.world, step, run.device, args.workers)
     log = common.RunLog(args, step, run.world) if run.rank == 0 else None
-    zero = lambda: torch.zeros((), device=run.device)
-    totals = {k: zero() for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
-    totals["quarters"], interrupt, stop = torch.zeros(2, 4, device=run.device), common.Interrupt(), 0
+    totals, interrupt, stop = zero_totals(run.device), common.Interrupt(), 0
     try:
         while step < args.max_steps:
             x, y = next(data)  # step i trains on batch i, skipped or not: a resumed run goes on from there
@@ -336,18 +344,18 @@ def loop(run):
                 raise FloatingPointError(f"{read['longest']:.0f} steps in a row with a non-finite loss or gradient "
                                          f"from step {read['began']:.0f}; stopped without saving")
             if logs:
-                totals.update({k: zero() for k in ("loss", "grad_norm", "skipped", "longest", "began")},
-                              quarters=torch.zeros(2, 4, device=run.device))
+                totals = zero_totals(run.device, totals["run"])
             if run.rank > 0:  # only rank 0 logs, saves and samples
                 if stop:
                     break
                 continue
             if logs:
                 log.line(step, read, learning_rate(step - 1, args))
+            state = run_state(run, step) if saves or stop or keeps else None
             if saves or stop:  # first: whatever the grid does
-                checkpoint.save(state(), run.ckpt_path)
+                checkpoint.save(state, run.ckpt_path)
             if keeps:  # a history to sample from and score (fid.py)
-                checkpoint.save(checkpoint.ema_export(state()), os.path.join(
+                checkpoint.save(checkpoint.ema_export(state), os.path.join(
                     args.out_dir, "snapshots", f"ema_{step:07d}.pt"), keep_previous=False)
             if grids:
                 log.grid(step, save_grid(run, step))
@@ -371,9 +379,7 @@ def train(args):
         sys.exit(128 + stop)
     if run.rank == 0:
         export = os.path.join(run.args.out_dir, "ema_fp16.pt")
-        checkpoint.save(checkpoint.ema_export(checkpoint.state(
-            run.model, run.ema, run.optimizer, run.scaler, run.step, run.args, run.classes, run.device)),
-            export, keep_previous=False)
+        checkpoint.save(checkpoint.ema_export(run_state(run, run.step)), export, keep_previous=False)
         print(f"done: {run.ckpt_path}, {export}")
     return run.model, run.ema
 

@@ -188,14 +188,14 @@ def bench(args):
     print(f"train  batch {args.batch_size}: {seconds * 1e3:.1f} ms/step, {images:.1f} img/s, "
           f"{achieved:.1f} GFLOP/s, MFU {achieved / peak * 100:.1f}%")
     if args.run_steps:
-        totals = train.zero_totals(device)
+        totals = common.zero_totals(device)
 
         def loop_step():  # the body of train.loop: the step, the EMA, the device-side totals
             nonlocal totals
             losses, t, grad_norm, skip, bad = train.train_step(net, diffusion, optimizer, scaler, params, x, None,
                                                                targs, dtype)
             train.update_ema(ema_params, params, 1000, targs.ema_decay, skip)
-            totals = train.tally(totals, losses, t, grad_norm, skip, bad, 1000, targs.timesteps)
+            totals = common.tally(totals, losses, t, grad_norm, skip, bad, 1000, targs.timesteps)
         wall, busy = consecutive(loop_step, args.run_steps, device)
         print(f"loop   {args.run_steps} steps: {args.run_steps * args.batch_size / wall:.1f} img/s, " + (
             f"GPU busy {busy * 100:.1f}% of the wall time" if busy is not None else "(no GPU: no GPU time to measure)"))

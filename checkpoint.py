@@ -164,16 +164,20 @@ def init_from(args):
     return init
 
 
-def check_fits(ckpt, config, args, what, hint, resumed):
-    """Refuse a checkpoint whose network is not the one `config` and `args` describe: a resumed
-    run keeps all of it (dropout, diffusion and image size too), a fine-tuned one its shape."""
+def check_fits(ckpt, config, args, resumed_from=None):
+    """Refuse a checkpoint whose network is not the one `config` and `args` describe: a run resumed
+    from it keeps all of it (dropout, diffusion and image size too), one fine-tuned (--init-from) its shape."""
     now = {**config_dict(config), **vars(args)}
-    saved = {**ckpt["model_config"], **(settings(ckpt) if resumed else {})}
+    saved = {**ckpt["model_config"], **(settings(ckpt) if resumed_from else {})}
     typed = lambda v: common.as_typed(tuple(v) if isinstance(v, list) else v)
-    changed = [f"{k} {typed(v)} there, {typed(now[k])} here" for k, v in saved.items()
-               if (resumed or k != "dropout") and k in now and typed(now[k]) != typed(v)]
+    changed = ", ".join(f"{k} {typed(v)} there, {typed(now[k])} here" for k, v in saved.items()
+                        if (resumed_from or k != "dropout") and k in now and typed(now[k]) != typed(v))
+    if changed and resumed_from:
+        raise ValueError(f"{resumed_from} was trained otherwise ({changed}): resume with the flags and data it "
+                         "was trained with, or start anew in another --out-dir")
     if changed:
-        raise ValueError(f"{what} ({', '.join(changed)}): {hint}")
+        raise ValueError(f"--init-from {args.init_from} is a network for other images ({changed}): fine-tune it "
+                         f"on images like its own (--dataset {args.dataset} differs)")
 
 
 def restore(ckpt, path, model, ema, optimizer, scaler, device):

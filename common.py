@@ -75,12 +75,16 @@ def add_flags(p, constants, defaults=None, only=None, **special):
     return p
 
 
-def at_least(p, args, minimum, *names):
-    """Refuse a flag below `minimum` (NaN included), naming it."""
+def check(p, args, test, rule, *names):
+    """Refuse a flag whose value fails `test` (as NaN fails any), naming it: --name must be `rule`."""
     for name in names:
-        value = getattr(args, name, None)  # a script without that flag
-        if value is not None and not value >= minimum:
-            p.error(f"--{name.replace('_', '-')} must be " + ("0 or more" if minimum == 0 else f"at least {minimum}"))
+        value = getattr(args, name, None)  # a script without that flag, or None: nothing to check
+        if value is not None and not test(value):
+            p.error(f"--{name.replace('_', '-')} must be {rule}")
+
+
+def at_least(p, args, minimum, *names):
+    check(p, args, lambda v: v >= minimum, "0 or more" if minimum == 0 else f"at least {minimum}", *names)
 
 
 def run(main, args, errors=(ValueError, OSError)):
@@ -179,6 +183,30 @@ class RunLog:
             self.wandb.finish()
 
 
+def zero_totals(device, run=None):
+    """train.py's device-side totals, which RunLog's lines read (see `tally`), at 0; `run`, the
+    bad steps in a row so far, goes on across log lines."""
+    totals = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
+    return {**totals, "quarters": torch.zeros(2, 4, device=device), **({} if run is None else {"run": run})}
+
+
+def tally(totals, losses, t, grad_norm, skip, bad, step, T):
+    """Add a step to the device-side totals that a log line reads: loss and gradient norm summed
+    over the updates made, loss and count per quarter of the timestep range (q0 is t < T/4, fine
+    detail; q3 t >= 3T/4, global structure), updates skipped, and the bad steps in a row: the
+    current run, the longest and the step it began at."""
+    keep = 1 - skip
+    losses = torch.where(skip > 0, 0.0, losses)  # a NaN times 0 is still NaN
+    quarter = t * 4 // T
+    quarters = torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, keep.expand_as(losses)]))
+    run = (totals["run"] + 1) * bad
+    return {"loss": totals["loss"] + losses.mean(), "quarters": totals["quarters"] + quarters,
+            "grad_norm": totals["grad_norm"] + torch.where(skip > 0, 0.0, grad_norm),
+            "skipped": totals["skipped"] + skip, "run": run,
+            "began": torch.where(run > totals["longest"], step - run + 1, totals["began"]),
+            "longest": torch.maximum(totals["longest"], run)}
+
+
 # ---------------------------------------------------------------- devices and torchrun
 
 def keep_freed_memory():
@@ -263,16 +291,18 @@ def safe_load(file, path, what="checkpoint"):
         raise ValueError(f"{path} is not a safe, readable {what}: {reason}") from None
 
 
-def writable(path, flag):
-    """Make the file's folder and try the file, before the work that will write it."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        open(path + ".tmp", "wb").close()
-    except OSError as e:
-        raise OSError(f"cannot write to {flag} {path}: {e.strerror}") from None
-    finally:  # also when a signal ends the process here
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
+def writable(*flagged):
+    """For each (flag, path), path None or not: make the file's folder and try the file, before
+    the work that will write it."""
+    for flag, path in filter(lambda pair: pair[1], flagged):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(path + ".tmp", "wb").close()
+        except OSError as e:
+            raise OSError(f"cannot write to {flag} {path}: {e.strerror}") from None
+        finally:  # also when a signal ends the process here
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
 
 
 @contextlib.contextmanager

@@ -46,6 +46,11 @@ def randn(shape, generator=None, device="cpu"):
     return torch.randn(shape, device=device)
 
 
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+
+
 def generators(seed, indices):
     """A generator per image, image i's seeded with seed + i: what `randn` draws each image from."""
     return [torch.Generator().manual_seed(seed + i) for i in indices]
@@ -53,14 +58,11 @@ def generators(seed, indices):
 
 class Diffusion:
     def __init__(self, T=1000, schedule="linear", objective="eps", device="cpu", variance="small", clip=True):
-        if schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown schedule {schedule!r}: use linear or cosine")
-        if objective not in ("eps", "v", "x0"):
-            raise ValueError(f"unknown objective {objective!r}: use eps, v or x0")
+        for name, value, choices in (("schedule", schedule, ("linear", "cosine")), ("objective", objective,
+                                     ("eps", "v", "x0")), ("variance", variance, ("small", "large"))):
+            check_choice(name, value, choices)
         if T < 2:
             raise ValueError(f"T must be at least 2, got {T}")
-        if variance not in ("small", "large"):
-            raise ValueError(f"unknown variance {variance!r}: use small or large")
         self.T, self.objective, self.variance, self.clip = T, objective, variance, clip
         # built in float64, kept in float32 on the device
         betas = linear_betas(T) if schedule == "linear" else cosine_betas(T)
@@ -84,6 +86,7 @@ class Diffusion:
         """`steps` timesteps from T-1 (or `start`) down to 0: evenly spaced ("linear"), closer
         together near t = 0 ("quadratic", Song et al. 2021 App. D.2) or evenly spaced in lambda,
         half the log-SNR ("logsnr", Lu et al. 2022 sec. 3.3); rounded, moved up where two meet."""
+        check_choice("spacing", spacing, ("linear", "quadratic", "logsnr"))
         top = self.T - 1 if start is None else start
         if not 1 <= steps <= top + 1:
             raise ValueError(f"steps must be between 1 and {top + 1} (the timesteps from {top} to 0), got {steps}")
@@ -93,8 +96,6 @@ class Diffusion:
         elif spacing == "logsnr":  # the t whose lambda is nearest to each of evenly spaced lambdas
             lam = self.lam[:top + 1].double().cpu()
             t = (lam[:, None] - torch.linspace(lam[-1], lam[0], steps, dtype=torch.float64)).abs().argmin(0).double()
-        elif spacing != "linear":
-            raise ValueError(f"unknown spacing {spacing!r}: use linear, quadratic or logsnr")
         below = torch.arange(steps - 1, -1, -1)  # steps below t_i: it is at least t_{i+1} + 1, at most top - i
         t = (t.round() - below).flip(0).cummax(0).values.flip(0) + below
         return torch.minimum(t.long(), top - below.flip(0)).tolist()
@@ -280,8 +281,7 @@ class Diffusion:
         """Dispatch to a sampler by name: ddpm (every step), ddim or dpm. With images x0 and a
         `start`, from x0 noised to t = start by q(x_t | x_0) (SDEdit, Meng et al. 2021; start -1:
         x0 itself); with x0 and a mask, RePaint, with ddim steps (ddpm: eta 1, every step)."""
-        if method not in ("ddpm", "ddim", "dpm"):
-            raise ValueError(f"unknown sampling method {method!r}: use ddpm, ddim or dpm")
+        check_choice("sampling method", method, ("ddpm", "ddim", "dpm"))
         steps = steps or self.default_steps(method)
         if mask is not None:  # (not dpm: RePaint steps back and forth, which its multistep history cannot)
             steps, eta = (steps, eta) if method == "ddim" else (self.T, 1.0)

@@ -59,8 +59,7 @@ def parse_args(argv=None):
         p.error("inpainting takes --method ddim or ddpm")
     if args.mode == "interpolation" and (args.method not in (None, "ddim") or args.eta not in (None, 0)):
         p.error("interpolation runs DDIM both ways, deterministic: drop --method and --eta")
-    if args.strength is not None and not 0 <= args.strength <= 1:
-        p.error("--strength must be between 0 and 1")
+    common.check(p, args, lambda v: 0 <= v <= 1, "between 0 and 1", "strength")
     args.strength = 0.5 if args.strength is None else args.strength
     args.frames = 8 if args.frames is None else args.frames
     common.at_least(p, args, 1, "jump_length", "jump_n_sample", "nrow")
@@ -113,13 +112,12 @@ def interpolate(diffusion, model, args, images, label, device):
     print(f"inversion round trip at {args.steps} steps: mean |error| {error[0]:.1f} and {error[1]:.1f} of 255 "
           "at the ends (more --steps, less)", file=sys.stderr)
     out = args.out or os.path.join(sample.beside(args.ckpt), "interpolation.png")
-    for flag, path in (("--out", out), ("--gif", args.gif)):
-        if path:
-            common.writable(path, flag)
+    common.writable(("--out", out), ("--gif", args.gif))
     sample.save_image(sample.to_pil_grid(frames, args.frames), out)
     if args.gif:  # there and back, 0.2 s a frame
         strip = [sample.to_pil_grid(frame[None], 1) for frame in torch.cat([frames, frames.flip(0)[1:-1]])]
-        sample.save_gif(strip, args.gif, [200] * len(strip))
+        sample.save_image(strip[0], args.gif, strip[1:], [200] * len(strip))
+        print(args.gif)
     return out
 
 

@@ -92,7 +92,7 @@ def digit_classifier(cache_dir, device):
     on a CPU), cached in `cache_dir`, and the name of its weights."""
     path = os.path.join(cache_dir, "digits-classifier.pt")
     if not os.path.exists(path):
-        common.writable(path, "--cache-dir")
+        common.writable(("--cache-dir", path))
         data, net = load_dataset("mnist5k"), Digits()
         train = torch.ones(len(data), dtype=torch.bool).index_fill_(0, held_out_digits(), False)
         images, labels = data.images[train], data.labels[train]
@@ -213,7 +213,7 @@ def reference(args, ref, data_dir, size, net, device, tag):
     where = f"-{hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:8]}" if ref == "folder" else ""
     path = os.path.join(args.cache_dir, f"{ref}{where}-{size}px-{tag}.npz")
     if not os.path.exists(path):
-        common.writable(path, "--cache-dir")
+        common.writable(("--cache-dir", path))
         batches, n = dataset_images(ref, data_dir, size, args.batch_size)
         stats = fid_features_to_statistics(features(net, batches, n, device, f"reference: {ref}")[0])
         with common.atomic_write(path) as f:

@@ -66,8 +66,7 @@ def add_flags(p, only=None, defaults=None):
 def check_sampler(p, args):
     """Refuse sampler flags that cannot work together."""
     common.at_least(p, args, 1, "steps", "batch_size")
-    if not 0 <= args.eta <= 1:
-        p.error("--eta must be between 0 and 1")
+    common.check(p, args, lambda v: 0 <= v <= 1, "between 0 and 1", "eta")
     if args.method == "ddpm" and (args.steps is not None or args.eta != 1 or args.spacing != "linear"):
         p.error("--method ddpm takes every step (all T), with eta 1: --steps, --eta and --spacing are for ddim and dpm")
     if args.variance and args.method != "ddpm":
@@ -131,14 +130,19 @@ def generate(diffusion, model, args, indices, labels, callback=None, **given):
                             generator=generators(args.seed, indices), y=labels, guidance=args.guidance, callback=callback, **given)
 
 
+def class_labels(indices, label, num_classes, device, per_class=1):
+    """The images' labels for `label`: None, one class for all, or "all": every class in turn,
+    per_class images each."""
+    return None if label is None else torch.tensor(
+        [i // per_class % num_classes if label == "all" else label for i in indices], device=device)
+
+
 def images(diffusion, model, args, indices, label, device):
     """Images indices[0..] as uint8 NHWC on the CPU, with `label` (None, "all" or a class)."""
     c = model.config
     if not indices:
         return torch.empty(0, args.image_size, args.image_size, c.in_channels, dtype=torch.uint8)
-    labels = None if label is None else torch.tensor(
-        [i % c.num_classes if label == "all" else label for i in indices], device=device)
-    return to_uint8(generate(diffusion, model, args, indices, labels))
+    return to_uint8(generate(diffusion, model, args, indices, class_labels(indices, label, c.num_classes, device)))
 
 
 def rounds(first, num_samples, batch_size, world):
@@ -152,20 +156,14 @@ def rounds(first, num_samples, batch_size, world):
 def sample_grid(diffusion, model, args, label, device, name="sample", progress=True, **given):
     """One grid PNG (and a GIF of the denoising when asked), by default name_<method>.png beside
     the checkpoint, with a progress bar unless told; `given` goes to generate. Returns the PNG's path."""
-    num_classes = model.config.num_classes
-    if label == "all":
-        n, nrow = args.nrow * num_classes, args.nrow
-        labels = torch.arange(num_classes, device=device).repeat_interleave(args.nrow)
-    else:
-        n, nrow = args.nrow ** 2, args.nrow
-        labels = None if label is None else torch.full((n,), label, device=device)
+    num_classes, nrow = model.config.num_classes, args.nrow
+    n = nrow * (num_classes if label == "all" else nrow)  # "all": a row per class
+    labels = class_labels(range(n), label, num_classes, device, per_class=nrow)
     if n > 1024:  # one batch
         raise ValueError(f"a grid of {n} images is more than one batch should hold: use a smaller "
                          "--nrow, or --num-samples with --npz or --png-dir for many images")
     out = args.out or os.path.join(beside(args.ckpt), f"{name}_{args.method}.png")
-    for flag, path in (("--out", out), ("--gif", args.gif)):
-        if path:
-            common.writable(path, flag)
+    common.writable(("--out", out), ("--gif", args.gif))
     frames, bar = [], tqdm(desc=f"{args.method} x {n} images", unit="step", file=sys.stderr, disable=not progress)
 
     def callback(i, steps, x, x0):
@@ -178,7 +176,8 @@ def sample_grid(diffusion, model, args, label, device, name="sample", progress=T
     bar.close()
     save_image(to_pil_grid(x, nrow), out)
     if args.gif:  # about 3 s of denoising whatever the step count, then the last frame held for 2 s
-        save_gif(frames, args.gif, [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000])
+        save_image(frames[0], args.gif, frames[1:], [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000])
+        print(args.gif)
     return out
 
 
@@ -187,17 +186,12 @@ def beside(ckpt):
     return (os.path.dirname(ckpt) if os.path.exists(ckpt) else "") or "."
 
 
-def save_image(image, path):
-    """A PIL image to `path`, whole or not at all, in the format its extension names."""
+def save_image(image, path, frames=(), durations=None):
+    """A PIL image to `path`, whole or not at all, in the format its extension names; with
+    `frames` after it, an animated GIF that loops, each image shown for its duration (ms)."""
     with common.atomic_write(path) as f:
-        image.save(f, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
-
-
-def save_gif(frames, path, durations):
-    """PIL images as an animated GIF that loops, each shown for its duration (ms)."""
-    with common.atomic_write(path) as f:
-        frames[0].save(f, format="gif", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    print(path)
+        image.save(f, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()],
+                   **dict(save_all=True, append_images=frames, duration=durations, loop=0) if frames else {})
 
 
 def export(diffusion, model, args, label, device, rank=0, world=1):
@@ -205,10 +199,8 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
     Under torchrun the processes take the batches in turn and rank 0 gathers them into the npz;
     image i is still drawn from seed + i."""
     shape = (args.num_samples, args.image_size, args.image_size, model.config.in_channels)
-    for flag, path in (("--png-dir", args.png_dir and os.path.join(args.png_dir, f"{args.first:06d}.png")),
-                       ("--npz", rank == 0 and args.npz)):
-        if path:
-            common.writable(path, flag)
+    common.writable(("--png-dir", args.png_dir and os.path.join(args.png_dir, f"{args.first:06d}.png")),
+                    ("--npz", rank == 0 and args.npz))
     with contextlib.ExitStack() as files:
         npz = files.enter_context(common.npz_writer(args.npz, shape)) if args.npz and rank == 0 else None
         bar = files.enter_context(tqdm(total=args.num_samples, unit="img", file=sys.stderr, disable=rank > 0))

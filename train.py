@@ -138,12 +138,8 @@ def parse_args(argv=None):
                     "max_bad_steps", "image_size")
     common.at_least(p, args, 2, "timesteps")
     common.at_least(p, args, 0, "warmup_steps", "weight_decay", "min_snr", "workers", "keep_every")
-    for name in ("lr", "grad_clip"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be above 0")
-    for name in ("label_dropout", "dropout", "ema_decay"):
-        if not 0 <= getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 0 and below 1")
+    common.check(p, args, lambda v: v > 0, "above 0", "lr", "grad_clip")
+    common.check(p, args, lambda v: 0 <= v < 1, "at least 0 and below 1", "label_dropout", "dropout", "ema_decay")
     if args.data_dir and args.dataset == "mnist5k":
         p.error("--data-dir has no use with the embedded mnist5k: for a folder of images, add --dataset folder")
     return args
@@ -215,29 +211,6 @@ def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype, wor
     return losses.detach(), t, grad_norm, skip, flags[0] if scaler.is_enabled() else skip
 
 
-def zero_totals(device, run=None):
-    """The totals `tally` adds to, at 0; `run`, the bad steps in a row so far, goes on across log lines."""
-    totals = {k: torch.zeros((), device=device) for k in ("loss", "grad_norm", "skipped", "run", "longest", "began")}
-    return {**totals, "quarters": torch.zeros(2, 4, device=device), **({} if run is None else {"run": run})}
-
-
-def tally(totals, losses, t, grad_norm, skip, bad, step, T):
-    """Add a step to the device-side totals that a log line reads: loss and gradient norm summed
-    over the updates made, loss and count per quarter of the timestep range (q0 is t < T/4, fine
-    detail; q3 t >= 3T/4, global structure), updates skipped, and the bad steps in a row: the
-    current run, the longest and the step it began at."""
-    keep = 1 - skip
-    losses = torch.where(skip > 0, 0.0, losses)  # a NaN times 0 is still NaN
-    quarter = t * 4 // T
-    quarters = torch.zeros(2, 4, device=t.device).index_add_(1, quarter, torch.stack([losses, keep.expand_as(losses)]))
-    run = (totals["run"] + 1) * bad
-    return {"loss": totals["loss"] + losses.mean(), "quarters": totals["quarters"] + quarters,
-            "grad_norm": totals["grad_norm"] + torch.where(skip > 0, 0.0, grad_norm),
-            "skipped": totals["skipped"] + skip, "run": run,
-            "began": torch.where(run > totals["longest"], step - run + 1, totals["began"]),
-            "longest": torch.maximum(totals["longest"], run)}
-
-
 def run_state(run, step):
     """The run's checkpoint at `step` (see checkpoint.py)."""
     return checkpoint.state(run.model, run.ema, run.optimizer, run.scaler, step, run.args, run.classes, run.device)
@@ -262,8 +235,8 @@ def setup(args):
     init = checkpoint.init_from(args) if ckpt is None else None
     rank, world, device = common.setup(args.device)
     if rank == 0:  # a bad --out-dir fails now, not at the first grid or save
-        for path in ("samples/step.png", "ckpt.pt") + ("snapshots/ema.pt",) * bool(args.keep_every):
-            common.writable(os.path.join(args.out_dir, path), "--out-dir")
+        common.writable(*[("--out-dir", os.path.join(args.out_dir, path)) for path in
+                          ("samples/step.png", "ckpt.pt") + ("snapshots/ema.pt",) * bool(args.keep_every)])
     if rank > 0:  # rank 0 loads first, alone: cifar10 and mnist download into one folder
         common.wait_for_all(world)
     dataset = load_dataset(args.dataset, args.data_dir, args.image_size, args.class_cond)
@@ -276,13 +249,11 @@ def setup(args):
     config = unet_config(args, dataset.channels, len(classes))
     check_image_size(args.image_size, len(config.channels))
     if ckpt is not None:
-        checkpoint.check_fits(ckpt, config, args, f"{ckpt_path} was trained otherwise", "resume with the "
-                              "flags and data it was trained with, or start anew in another --out-dir", resumed=True)
+        checkpoint.check_fits(ckpt, config, args, resumed_from=ckpt_path)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_unet(config).to(device)
     if init is not None:  # its EMA weights (a published network has only those)
-        checkpoint.check_fits(init, config, args, f"--init-from {args.init_from} is a network for other images",
-                              f"fine-tune it on images like its own (--dataset {args.dataset} differs)", resumed=False)
+        checkpoint.check_fits(init, config, args)
         model.load_state_dict(init["ema"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     dtype = amp_dtype(args, device)
@@ -316,7 +287,7 @@ def loop(run):
     params, ema_params = list(model.parameters()), list(ema.parameters())
     data = batches(run.dataset, args.batch_size, args.seed, run.rank, run.world, step, run.device, args.workers)
     log = common.RunLog(args, step, run.world) if run.rank == 0 else None
-    totals, interrupt, stop = zero_totals(run.device), common.Interrupt(), 0
+    totals, interrupt, stop = common.zero_totals(run.device), common.Interrupt(), 0
     try:
         while step < args.max_steps:
             x, y = next(data)  # step i trains on batch i, skipped or not: a resumed run goes on from there
@@ -330,7 +301,7 @@ def loop(run):
                                                          x, y if args.class_cond else None, args, run.dtype, run.world)
             update_ema(ema_params, params, step, args.ema_decay, skip)
             step += 1
-            totals = tally(totals, losses, t, grad_norm, skip, bad, step, args.timesteps)
+            totals = common.tally(totals, losses, t, grad_norm, skip, bad, step, args.timesteps)
             logs, saves, grids = (step % n == 0 or step == args.max_steps
                                   for n in (args.log_every, args.save_every, args.sample_every))
             keeps = args.keep_every and step % args.keep_every == 0
@@ -344,7 +315,7 @@ def loop(run):
                 raise FloatingPointError(f"{read['longest']:.0f} steps in a row with a non-finite loss or gradient "
                                          f"from step {read['began']:.0f}; stopped without saving")
             if logs:
-                totals = zero_totals(run.device, totals["run"])
+                totals = common.zero_totals(run.device, totals["run"])
             if run.rank > 0:  # only rank 0 logs, saves and samples
                 if stop:
                     break

@@ -1434,6 +1434,20 @@ def test_ho_unet_equals_diffusers_on_random_weights_of_each_published_config(tmp
         assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max(), t
 
 
+def test_the_quick_start_trains_the_measured_recipe_and_help_says_so():
+    """benchmarks/recipe.md: v-prediction, the cosine schedule and lr 4e-3; full MNIST inherits it."""
+    result = subprocess.run([sys.executable, SCRIPT["train.py"], "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.split())
+    for flag, value in (("--objective {eps,v,x0}", "v"), ("--schedule {linear,cosine}", "cosine"), ("--lr LR", "0.004"),
+                        ("--batch-size BATCH_SIZE", "64"), ("--max-steps MAX_STEPS", "2000")):
+        assert re.search(re.escape(flag) + r" (?:(?!--).)*?\(default: " + re.escape(value) + r"\)", shown), flag
+    assert "mnist5k: --channels 32,64,64" in shown and "--objective v --schedule cosine --batch-size 64 --lr 0.004" in shown
+    for dataset in ("mnist5k", "mnist"):
+        args = train.parse_args(["--dataset", dataset])
+        assert (args.objective, args.schedule, args.lr, args.min_snr) == ("v", "cosine", 4e-3, 0.0)
+
+
 def test_the_ho_cifar10_preset_is_their_35_7m_network_and_ours_keep_their_size():
     sizes = {name: sum(p.numel() for p in model.build_unet(train.unet_config(train.parse_args(
         ["--preset" if name.startswith("ho") else "--dataset", name]), 3)).parameters()) for name in
@@ -2057,3 +2071,30 @@ def test_fid_reads_the_checkpoint_before_it_trains_its_digit_classifier(tmp_path
     monkeypatch.setattr(fid, "extractor", lambda *args: pytest.fail("the digit classifier came first"))
     message = one_line_error(capsys, fid.main, ["--ckpt", str(tmp_path / "net"), "--features", "digits", "--device", "cpu"])
     assert "scheduler_config.json: thresholding True has no equivalent here" in message
+
+
+# ---------------------------------------------------------------- benchmarks/
+
+def test_the_recipe_plot_draws_a_line_per_training_run_from_the_mean_of_its_seeds(tmp_path):
+    rows = [("old", 0, 250, 1.0, 0, 30.0), ("old", 0, 250, 1.0, 1000, 20.0), ("old", 0, 500, 2.0, 0, 10.0),
+            ("old", 1, 250, 1.1, 0, 28.0), ("new", 0, 250, 0.9, 0, 12.0)]
+    with open(tmp_path / "r.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("recipe", "train_seed", "step", "minutes", "sample_seed", "distance"), *rows])
+    script = os.path.join(REPO, "benchmarks", "recipe_plot.py")
+    result = subprocess.run([sys.executable, script, "--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "p.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    image = np.asarray(Image.open(tmp_path / "p.png").convert("L"))
+    assert image.shape[0] > 300 and image.std() > 10  # a drawn figure, not a blank one
+    sys.path.insert(0, os.path.dirname(script))
+    try:
+        import recipe_plot
+    finally:
+        sys.path.pop(0)
+    with open(tmp_path / "r.csv", newline="") as f:
+        runs = recipe_plot.curves(list(csv.DictReader(f)))
+    assert runs == {("old", "0"): [(1.0, 25.0), (2.0, 10.0)], ("old", "1"): [(1.1, 28.0)], ("new", "0"): [(0.9, 12.0)]}
+    missing = subprocess.run([sys.executable, script, "--csv", str(tmp_path / "none.csv")], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
+        f"error: --csv {tmp_path / 'none.csv'}: No such file or directory"]

@@ -1,7 +1,7 @@
 """
 Train a DDPM. Each preset sets the model and optimisation for a dataset; flags override it.
 
-    python train.py                                   # 5000 embedded MNIST digits (~12 min on a CPU)
+    python train.py                                   # 5000 embedded MNIST digits (~8 min on 2 CPU cores)
     python train.py --dataset cifar10                 # one GPU (downloads CIFAR-10 into ./data)
     python train.py --dataset celeba                  # from ./data/celeba/img_align_celeba/
     torchrun --standalone --nproc_per_node=8 train.py --dataset cifar10   # DDP, 8 GPUs

@@ -50,7 +50,7 @@ def plot(rows, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", default=os.path.join(HERE, "recipe.csv"), help="the measured rows")
-    p.add_argument("--out", default=os.path.join(HERE, "..", "assets", "recipe.png"), help="the PNG to write")
+    p.add_argument("--out", default=os.path.normpath(os.path.join(HERE, "..", "assets", "recipe.png")), help="the PNG to write")
     args = p.parse_args(argv)
     try:
         with open(args.csv, newline="") as f:

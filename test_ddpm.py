@@ -2098,3 +2098,20 @@ def test_the_recipe_plot_draws_a_line_per_training_run_from_the_mean_of_its_seed
                              text=True, timeout=60)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [
         f"error: --csv {tmp_path / 'none.csv'}: No such file or directory"]
+
+
+def test_the_inpainting_benchmark_runs_on_a_checkpoint_of_digits(trained, monkeypatch, capsys):
+    """benchmarks/inpaint_check.py end to end on a 28-px checkpoint, with an untrained stand-in for
+    fid.py's digit classifier (training it takes a minute): its four rows, each over the 200 held-out digits."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        import inpaint_check
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    monkeypatch.setattr(fid, "digit_classifier", lambda cache_dir, device: (fid.Digits().eval(), "untrained"))
+    rates = inpaint_check.main(["--ckpt", str(trained / "ckpt.pt"), "--steps", "3", "--device", "cpu"])
+    assert list(rates) == ["the digits as they are", "lower half black (zero fill)", "plain replacement",
+                           "RePaint (jump length 10, 10 resamplings)"]
+    assert all(abs(rate * 200 - round(rate * 200)) < 1e-3 for rate in rates.values())  # a share of the 200 digits
+    assert capsys.readouterr().out.count("of 200 digits as they were") == 4

@@ -29,7 +29,7 @@ DEVICE = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
 
 def check(args):
     _, _, device = common.setup(args.device)
-    args.ema, args.label = True, None
+    args.ema, args.label, args.method = True, None, "ddim"  # as sample.load reads them
     model, diffusion, _, _ = sample.load(args.ckpt, args, device)
     if (model.config.in_channels, args.image_size) != (1, 28):
         raise ValueError(f"{args.ckpt} does not draw 28-px digits: train it with python train.py")

@@ -87,7 +87,7 @@ WANDB_RUN_NAME = None  # the W&B run's name; None = W&B picks one
 # What each dataset trains with unless a flag says otherwise.
 PRESETS = {
     # recognizable digits after ~8 minutes on 2 CPU cores; v and the cosine schedule at a doubled lr
-    # gave 33% lower digit distance than eps, linear, 2e-3 at the same cost (benchmarks/recipe.md)
+    # gave 30.5% lower digit distance than eps, linear, 2e-3 at the same cost (benchmarks/recipe.md)
     "mnist5k": dict(channels=(32, 64, 64), attention=(False, False, True), num_res=1, neck_length=1,
                     dropout=0.0, objective="v", schedule="cosine", batch_size=64, lr=4e-3, warmup_steps=100,
                     lr_decay=True, max_steps=2000, log_every=50, sample_every=250, save_every=250),

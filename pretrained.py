@@ -57,7 +57,7 @@ def checkpoint(name):
     with torch.device("meta"):  # the shapes of the network config.json describes, without making its weights
         shapes = {k: tuple(v.shape) for k, v in build_unet(UNetConfig(**model_config)).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
-    wrong = next((k for k in shapes if found.get(k) != shapes[k]), None) or next((k for k in found if k not in shapes), None)
+    wrong = next((k for k in [*shapes, *found] if found.get(k) != shapes.get(k)), None)
     if wrong:
         raise ValueError(f"{weights} does not fit its config.json: its {wrong} (HoUNet's name) is "
                          f"{found.get(wrong, 'missing')}, the config's {shapes.get(wrong, 'absent')}")

@@ -62,7 +62,8 @@ def synchronize(device):  # GPU work is asynchronous: wait for it before reading
         torch.mps.synchronize()
 
 
-def seconds(fn, reps, device, warmup=2):
+def seconds(fn, reps, device, warmup=2, pick=statistics.median):
+    """The median (or `pick`) of reps timed calls of fn, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -72,15 +73,7 @@ def seconds(fn, reps, device, warmup=2):
         fn()
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return times
-
-
-def median_seconds(fn, reps, device, warmup=2):
-    return statistics.median(seconds(fn, reps, device, warmup))
-
-
-def best_seconds(fn, reps, device, warmup=2):
-    return min(seconds(fn, reps, device, warmup))
+    return pick(times)
 
 
 def consecutive(step, n, device):
@@ -120,7 +113,7 @@ def matmul_peak(device, dtype):
     else:
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         fn = lambda: a @ b
-    return 2 * n ** 3 / best_seconds(fn, 10, device) / 1e9
+    return 2 * n ** 3 / seconds(fn, 10, device, pick=min) / 1e9
 
 
 def forward_flops(model, config, size, device):
@@ -172,31 +165,29 @@ def bench(args):
           f"{flops / 1e9:.3f} forward GFLOP/img | {device}, {dtype or torch.float32}, "
           f"{torch.get_num_threads()} threads, compile {args.use_compile} | matmul peak {peak:.1f} GFLOP/s")
 
-    # the training step exactly as train.py runs it: train_step, then the EMA update
+    # the training step exactly as train.py runs it: train_step, then the EMA update (and with
+    # `tally`, as in train.py's loop, the device-side totals a log line reads: --run-steps)
     ema = copy.deepcopy(model).requires_grad_(False)
     net = torch.compile(model, mode=args.compile_mode) if args.use_compile else model
     optimizer, scaler = train.make_optimizer(model, targs, device, dtype)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     x = torch.rand(args.batch_size, channels, size, size, device=device) * 2 - 1
+    totals = common.zero_totals(device)
 
-    def step():
-        skip = train.train_step(net, diffusion, optimizer, scaler, params, x, None, targs, dtype)[3]
+    def step(tally=False):
+        nonlocal totals
+        losses, t, grad_norm, skip, bad = train.train_step(net, diffusion, optimizer, scaler, params, x, None,
+                                                           targs, dtype)
         train.update_ema(ema_params, params, 1000, targs.ema_decay, skip)
-    seconds = median_seconds(step, args.steps, device)
-    images = args.batch_size / seconds
+        if tally:
+            totals = common.tally(totals, losses, t, grad_norm, skip, bad, 1000, targs.timesteps)
+    step_seconds = seconds(step, args.steps, device)
+    images = args.batch_size / step_seconds
     achieved = 3 * flops * images / 1e9
-    print(f"train  batch {args.batch_size}: {seconds * 1e3:.1f} ms/step, {images:.1f} img/s, "
+    print(f"train  batch {args.batch_size}: {step_seconds * 1e3:.1f} ms/step, {images:.1f} img/s, "
           f"{achieved:.1f} GFLOP/s, MFU {achieved / peak * 100:.1f}%")
     if args.run_steps:
-        totals = common.zero_totals(device)
-
-        def loop_step():  # the body of train.loop: the step, the EMA, the device-side totals
-            nonlocal totals
-            losses, t, grad_norm, skip, bad = train.train_step(net, diffusion, optimizer, scaler, params, x, None,
-                                                               targs, dtype)
-            train.update_ema(ema_params, params, 1000, targs.ema_decay, skip)
-            totals = common.tally(totals, losses, t, grad_norm, skip, bad, 1000, targs.timesteps)
-        wall, busy = consecutive(loop_step, args.run_steps, device)
+        wall, busy = consecutive(lambda: step(tally=True), args.run_steps, device)
         print(f"loop   {args.run_steps} steps: {args.run_steps * args.batch_size / wall:.1f} img/s, " + (
             f"GPU busy {busy * 100:.1f}% of the wall time" if busy is not None else "(no GPU: no GPU time to measure)"))
 
@@ -204,8 +195,7 @@ def bench(args):
     ema.eval()
     shape, nfe = (args.sample_batch, channels, size, size), 4 * args.steps
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        seconds = median_seconds(lambda: diffusion.ddim_sample(ema, shape, nfe), 3, device, warmup=1)
-    per_nfe = seconds / nfe / args.sample_batch
+        per_nfe = seconds(lambda: diffusion.ddim_sample(ema, shape, nfe), 3, device, warmup=1) / nfe / args.sample_batch
     print(f"sample batch {args.sample_batch}, DDIM {nfe} steps: {per_nfe * 1e3:.2f} ms/NFE/img, "
           f"{flops / per_nfe / 1e9:.1f} GFLOP/s, MFU {flops / per_nfe / 1e9 / peak * 100:.1f}%")
     print(f"peak memory {peak_memory_mb(device):.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})")

@@ -17,7 +17,6 @@ and, on a GPU, the busy fraction (the profiler's summed kernel time over the wal
 any host read of a device value in a step an error (torch.cuda.set_sync_debug_mode).
 """
 import argparse
-import contextlib
 import copy
 import resource
 import statistics
@@ -80,25 +79,22 @@ def consecutive(step, n, device):
     """Wall seconds of n calls of step with no sync between them (after 3 warm-up calls: compile,
     CUDA graph capture), and on a GPU the busy fraction: the kernels' summed time, from the
     profiler in a second pass, over that pass's wall time. A host read in a step raises there."""
+    def steps():
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
     for _ in range(3):
         step()
-    synchronize(device)
-    results = []
-    for activities in ([], [torch.profiler.ProfilerActivity.CUDA]) if device.type == "cuda" else ([],):
-        with torch.profiler.profile(activities=activities) if activities else contextlib.nullcontext() as prof:
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("error")
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode(0)
-            synchronize(device)
-            results.append(time.perf_counter() - t0)
+    wall = seconds(steps, 1, device, warmup=0)
     if device.type != "cuda":
-        return results[0], None
+        return wall, None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        profiled = seconds(steps, 1, device, warmup=0)
     kernels = sum(e.self_device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return results[0], kernels / 1e6 / results[1]
+    return wall, kernels / 1e6 / profiled
 
 
 def matmul_peak(device, dtype):

@@ -116,8 +116,7 @@ def digit_classifier(cache_dir, device):
 def inception(weights, device):
     """torch-fidelity's Inception v3, which gives 2048 pool features (for FID) and 1008 logits
     (for IS), and a name for its weights (the standard ones, or a file's hash)."""
-    tag = "inception-2015-12-05"
-    data = None
+    tag, data = "inception-2015-12-05", None
     if weights:  # read once and checked: torch-fidelity unpickles the very bytes that passed
         try:
             with open(weights, "rb") as f:
@@ -267,7 +266,8 @@ def row(source, pool, logits, ref_stats, ref, args, timing):
     isc = isc_features_to_metric(logits, splits=min(args.isc_splits, len(logits)))
     scores = dict(fid=fid["frechet_inception_distance"], is_mean=isc["inception_score_mean"],
                   is_std=isc["inception_score_std"], n=len(pool))
-    print(f"{source} | FID{' (digit features)' if args.features == 'digits' else ''} {scores['fid']:.2f} | IS {scores['is_mean']:.2f} ± {scores['is_std']:.2f} | "
+    note = " (digit features)" if args.features == "digits" else ""
+    print(f"{source} | FID{note} {scores['fid']:.2f} | IS {scores['is_mean']:.2f} ± {scores['is_std']:.2f} | "
           f"n {len(pool)} | reference {ref}", flush=True)
     print(f"  ({timing})", file=sys.stderr)
     return scores

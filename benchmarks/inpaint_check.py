@@ -34,18 +34,17 @@ def check(args):
     if (model.config.in_channels, args.image_size) != (1, 28):
         raise ValueError(f"{args.ckpt} does not draw 28-px digits: train it with python train.py")
     classifier = fid.digit_classifier(args.cache_dir, device)[0]
-    digits = load_dataset("mnist5k")
-    images, labels = digits.images[fid.held_out_digits()].to(device), digits.labels[fid.held_out_digits()].to(device)
+    digits, held_out = load_dataset("mnist5k"), fid.held_out_digits()
+    images, labels = digits.images[held_out].to(device), digits.labels[held_out].to(device)
     x0, mask = from_uint8(images), torch.zeros(1, 1, 28, 28, device=device)
     mask[:, :, 14:] = 1  # redraw the lower half
     filled = {"the digits as they are": x0, "lower half black (zero fill)": x0 * (1 - mask) - mask}
     for name, resamplings in (("plain replacement", 1), ("RePaint (jump length 10, 10 resamplings)", 10)):
-        bar = tqdm(desc=name, unit="step", file=sys.stderr)
-        filled[name] = diffusion.sample(
-            model, x0.shape, "ddim", args.steps, 1.0, x0=x0, mask=mask, jump=(10, resamplings),
-            generator=generators(args.seed, range(len(x0))),
-            callback=lambda i, steps, x, pred: (setattr(bar, "total", steps), bar.update(1)))
-        bar.close()
+        with tqdm(desc=name, unit="step", file=sys.stderr) as bar:
+            filled[name] = diffusion.sample(
+                model, x0.shape, "ddim", args.steps, 1.0, x0=x0, mask=mask, jump=(10, resamplings),
+                generator=generators(args.seed, range(len(x0))),
+                callback=lambda i, steps, x, pred: (setattr(bar, "total", steps), bar.update(1)))
     rates = {}
     for name, x in filled.items():
         predicted = classifier(to_uint8(x).permute(0, 3, 1, 2))[1].argmax(1)

@@ -330,25 +330,20 @@ def atomic_write(path, sync=False):
 @contextlib.contextmanager
 def npz_writer(path, shape):
     """A stream for uint8 arrays of `shape` (N, ...) in total, into path's arr_0 (the ADM
-    evaluation suite's format) as they come: memory stays flat, the disk space is reserved at
-    the start, and `path` appears only once all of it is in."""
+    evaluation suite's format) as they come: memory stays flat, and `path` appears only once all
+    of it is in. The disk space is reserved at the start, so that a full disk fails then, in one
+    line, not hours into the work (Linux; elsewhere it fails at the write)."""
+    size = math.prod(shape) + 4096  # + the .npy and zip headers
     with atomic_write(path) as f:
-        reserve(f, math.prod(shape) + 4096)  # + the .npy and zip headers
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except AttributeError:  # macOS, Windows
+            pass
+        except OSError as e:  # a filesystem that cannot reserve goes on: a full disk fails at the write
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+                raise OSError(e.errno, f"it needs {size / 1e6:.1f} MB, and {free / 1e6:.1f} MB are free") from None
         with zipfile.ZipFile(f, "w") as zf, zf.open("arr_0.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
             yield member
         f.truncate()  # to what was written, less than what was reserved
-
-
-def reserve(f, size):
-    """Allocate `size` bytes on the disk for the open file f now, so that a full disk fails at
-    the start, in one line, not hours into the work (Linux; elsewhere it fails at the write)."""
-    try:
-        os.posix_fallocate(f.fileno(), 0, size)
-    except AttributeError:  # macOS, Windows
-        return
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            return  # a filesystem that cannot reserve: a full disk fails at the write instead
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(f.name))).free
-        raise OSError(e.errno, f"it needs {size / 1e6:.1f} MB, and {free / 1e6:.1f} MB are free") from None

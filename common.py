@@ -9,7 +9,6 @@ import ctypes
 import errno
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -164,10 +163,9 @@ class RunLog:
         print(f"step {step}/{self.args.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
               f"{row['img_per_s']:.1f} img/s | {row['minutes']:.1f} min | "
               f"ETA {(self.args.max_steps - step) / rate / 60:.1f} min", flush=True)
-        new = not os.path.exists(self.path)
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, self.FIELDS)
-            if new:
+            if f.tell() == 0:  # a new file
                 writer.writeheader()
             writer.writerow(row)
         if self.wandb:
@@ -286,7 +284,7 @@ def safe_load(file, path, what="checkpoint"):
     except Exception as e:  # pickled code, a truncated file, not a torch file at all, or no file to open
         if isinstance(e, OSError) and e.filename is not None:  # a symlink loop, no permission
             raise OSError(f"cannot read the {what} {path}: {e.strerror}") from None
-        found = isinstance(e, pickle.UnpicklingError) and re.search(r"GLOBAL (\S+)", str(e))
+        found = re.search(r"GLOBAL (\S+)", str(e))  # weights_only's unpickler names what it refused
         reason = f"it holds pickled code ({found.group(1)}), which was not run" if found else "truncated, or not a torch file"
         raise ValueError(f"{path} is not a safe, readable {what}: {reason}") from None
 
@@ -319,12 +317,11 @@ def atomic_write(path, sync=False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:
+        raise OSError(f"could not write {path} ({e.strerror or e})") from None
+    finally:  # after an error (after the rename, there is no temp file left)
         with contextlib.suppress(OSError):  # never made, or its folder is not there
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OSError(f"could not write {path} ({e.strerror or e})") from None
-        raise
 
 
 @contextlib.contextmanager

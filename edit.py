@@ -14,7 +14,6 @@ walks between the two on the sphere (slerp, sec. 5.3; lerp would shrink the nois
 decodes each frame with DDIM. Images are converted to the model's channels, then resized and
 centre-cropped to its size. A grid's edit i is drawn from seed + i, as sample.py draws image i.
 """
-import math
 import os
 import sys
 
@@ -51,21 +50,21 @@ def parse_args(argv=None):
     if not 1 <= len(args.image) <= 2:
         p.error("give --image once (variations, inpainting) or twice (interpolation)")
     args.mode = "interpolation" if len(args.image) == 2 else "inpainting" if args.mask else "variations"
+    args.method = args.method or MODES[args.mode]["method"]
+    args.eta = MODES[args.mode]["eta"] if args.eta is None else args.eta
     if args.mode == "interpolation" and args.mask or args.mode != "variations" and args.strength is not None:
         p.error("--mask and --strength edit one image, and not together: --strength makes variations, --mask inpaints")
     if args.mode != "interpolation" and args.frames is not None:
         p.error("--frames needs two images: give --image twice")
     if args.mode == "inpainting" and args.method == "dpm":  # RePaint steps back, past DPM-Solver's history
         p.error("inpainting takes --method ddim or ddpm")
-    if args.mode == "interpolation" and (args.method not in (None, "ddim") or args.eta not in (None, 0)):
+    if args.mode == "interpolation" and (args.method != "ddim" or args.eta != 0):
         p.error("interpolation runs DDIM both ways, deterministic: drop --method and --eta")
     common.check(p, args, lambda v: 0 <= v <= 1, "between 0 and 1", "strength")
     args.strength = 0.5 if args.strength is None else args.strength
     args.frames = 8 if args.frames is None else args.frames
     common.at_least(p, args, 1, "jump_length", "jump_n_sample", "nrow")
     common.at_least(p, args, 2, "frames")
-    args.method = args.method or MODES[args.mode]["method"]
-    args.eta = MODES[args.mode]["eta"] if args.eta is None else args.eta
     sample.check_sampler(p, args)
     return args
 
@@ -77,10 +76,9 @@ def read_image(path, flag, size, grey, mask=False):
     try:
         with Image.open(path) as f:
             image, mode = f.convert("L" if grey or mask else "RGB"), f.mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{flag} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{flag} {path}: not an image that can be read ({e})") from None
+        reason = "no such file" if isinstance(e, FileNotFoundError) else f"not an image that can be read ({e})"
+        raise ValueError(f"{flag} {path}: {reason}") from None
     if image.size != (size, size) or mode != image.mode:
         print(f"{flag} {path}: {image.size[0]}x{image.size[1]} {mode}, taken as {size}x{size} "
               f"{'grey' if grey else 'RGB'} (resized, centre-cropped)", file=sys.stderr)
@@ -103,12 +101,10 @@ def interpolate(diffusion, model, args, images, label, device):
     if label == "all":
         raise ValueError("interpolation draws one strip: give --label one class, not all")
     y = None if label is None else torch.full((args.frames,), label, device=device)
-    ends = torch.cat(images)
-    latents = diffusion.ddim_invert(model, ends, args.steps, None if y is None else y[:2], args.guidance)
-    w = torch.linspace(0, 1, args.frames, device=device).view(-1, 1, 1, 1)
-    x = slerp(latents[:1].expand(args.frames, -1, -1, -1), latents[1:].expand(args.frames, -1, -1, -1), w)
+    latents = diffusion.ddim_invert(model, images, args.steps, None if y is None else y[:2], args.guidance)
+    x = slerp(latents[:1], latents[1:], torch.linspace(0, 1, args.frames, device=device).view(-1, 1, 1, 1))
     frames = diffusion.ddim_sample(model, x.shape, args.steps, x=x, y=y, guidance=args.guidance)
-    error = (to_uint8(frames[[0, -1]]).float() - to_uint8(ends).float()).abs().mean(dim=(1, 2, 3))
+    error = (to_uint8(frames[[0, -1]]).float() - to_uint8(images).float()).abs().mean(dim=(1, 2, 3))
     print(f"inversion round trip at {args.steps} steps: mean |error| {error[0]:.1f} and {error[1]:.1f} of 255 "
           "at the ends (more --steps, less)", file=sys.stderr)
     out = args.out or os.path.join(sample.beside(args.ckpt), "interpolation.png")
@@ -124,24 +120,24 @@ def interpolate(diffusion, model, args, images, label, device):
 def edit(args):
     _, _, device = common.setup(args.device)
     model, diffusion, label, _ = sample.load(args.ckpt, args, device)
+    args.steps = args.steps or MODES[args.mode]["steps"]  # after load, which checks only a --steps given against T
     grey = model.config.in_channels == 1
     images, sizes = zip(*[read_image(path, "--image", args.image_size, grey) for path in args.image])
-    images = [image.to(device) for image in images]
+    images = torch.cat(images).to(device)  # one, or the two ends of a strip
     if args.mode == "interpolation":
-        args.steps = args.steps or MODES["interpolation"]["steps"]
         return interpolate(diffusion, model, args, images, label, device)
     if args.mode == "inpainting":
-        args.steps = min(args.steps or MODES["inpainting"]["steps"], diffusion.T)
+        args.steps = min(args.steps, diffusion.T)
         mask, (w, h) = read_image(args.mask, "--mask", args.image_size, grey, mask=True)
         if abs(w / h - sizes[0][0] / sizes[0][1]) > 0.01:  # it would be cropped otherwise than the image
             raise ValueError(f"--mask {args.mask} is {w}x{h} and --image {args.image[0]} {sizes[0][0]}x{sizes[0][1]}: "
                              "give a mask of the image's shape")
-        return sample.sample_grid(diffusion, model, args, label, device, "inpainting", x0=images[0],
+        return sample.sample_grid(diffusion, model, args, label, device, "inpainting", x0=images,
                                   mask=mask.to(device), jump=(args.jump_length, args.jump_n_sample))
     start = round(args.strength * diffusion.T) - 1  # t0 = strength * T, counted from 0
     steps = args.steps or diffusion.default_steps(args.method)  # from t0 down: at most t0 + 1 (t0 for dpm)
     args.steps = max(1, min(steps, start + (args.method != "dpm")))
-    return sample.sample_grid(diffusion, model, args, label, device, "variations", x0=images[0], start=start)
+    return sample.sample_grid(diffusion, model, args, label, device, "variations", x0=images, start=start)
 
 
 def main(argv=None):

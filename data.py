@@ -35,16 +35,11 @@ def to_uint8(x):
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def to_tensor(size):
-    """PIL image -> (C, size, size) in [-1, 1]: resize the short side, crop the centre."""
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor(), from_uint8])
-
-
 class ArrayDataset(Dataset):
-    """uint8 images (N, C, H, W) and labels held in memory; no workers needed."""
+    """uint8 images (N, C, H, W), their labels and the class names, held in memory; no workers needed."""
 
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
 
     def __len__(self):
         return len(self.images)
@@ -53,36 +48,30 @@ class ArrayDataset(Dataset):
         return from_uint8(self.images[i]), self.labels[i]
 
 
-def mnist_arrays(images, labels, image_size):
-    """MNIST digits are 28 px; a larger size pads the black border (32 for a 4-level UNet)."""
+def mnist(root, image_size, embedded=False):
+    """MNIST digits: the 60000 training digits, downloaded by torchvision into root when missing,
+    or (embedded) the 5000 shipped in assets/ (500 per class), which train with no download.
+    They are 28 px; a larger size pads the black border (32 for a 4-level UNet)."""
+    if embedded:
+        data = np.load(os.path.join(ASSETS, "mnist5k.npz"))
+        images, labels = torch.from_numpy(data["images"]), torch.from_numpy(data["labels"])
+    else:
+        try:
+            data = tv.MNIST(root, train=True, download=True)
+        except Exception as e:  # no network, a half-downloaded file...
+            raise FileNotFoundError(f"could not load or download MNIST into {root!r}: {e}") from None
+        images, labels = data.data, data.targets
     if image_size < 28 or image_size % 2:
         raise ValueError(f"MNIST images are 28 px: --image-size must be 28, 30, 32, ... not {image_size}")
     pad = (image_size - 28) // 2
-    return ArrayDataset(torch.nn.functional.pad(images.unsqueeze(1), (pad,) * 4), labels)
+    return ArrayDataset(torch.nn.functional.pad(images.unsqueeze(1), (pad,) * 4), labels, DIGITS)
 
 
-def mnist5k(image_size=28):
-    """5000 MNIST digits shipped in assets/ (500 per class): trains with no download."""
-    data = np.load(os.path.join(ASSETS, "mnist5k.npz"))
-    return mnist_arrays(torch.from_numpy(data["images"]), torch.from_numpy(data["labels"]), image_size)
-
-
-def mnist(data_dir, image_size=28):
-    """The 60000 MNIST training digits, downloaded by torchvision into data_dir when missing."""
-    root = data_dir or "data"
-    try:
-        data = tv.MNIST(root, train=True, download=True)
-    except Exception as e:  # no network, a half-downloaded file...
-        raise FileNotFoundError(f"could not load or download MNIST into {root!r}: {e}") from None
-    return mnist_arrays(data.data, data.targets, image_size)
-
-
-def cifar10(data_dir, image_size=32):
+def cifar10(root, image_size):
     """The 50000 CIFAR-10 training images from the python pickles in
-    data_dir/cifar-10-batches-py/, downloaded by torchvision when missing."""
+    root/cifar-10-batches-py/, downloaded by torchvision when missing."""
     if image_size != 32:
         raise ValueError(f"CIFAR-10 images are 32 px, not {image_size}: drop --image-size")
-    root = data_dir or "data"
     folder = os.path.join(root, "cifar-10-batches-py")
     if not os.path.isdir(folder):
         try:
@@ -99,14 +88,7 @@ def cifar10(data_dir, image_size=32):
             raise FileNotFoundError(f"cannot read CIFAR-10 batch {path}: {e}") from None
         images.append(torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8)).view(-1, 3, 32, 32))
         labels.append(torch.as_tensor(batch["labels"]))
-    return ArrayDataset(torch.cat(images), torch.cat(labels))
-
-
-def check_dir(path, what, where):
-    if not path:
-        raise FileNotFoundError(f"no --data-dir given: {where}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} not found at {path!r}: {where}")
+    return ArrayDataset(torch.cat(images), torch.cat(labels), CIFAR10_CLASSES)
 
 
 def image_files(root):
@@ -116,9 +98,9 @@ def image_files(root):
 
 
 class ImageFolder(Dataset):
-    """Every image file under `root` (recursively), or those named in `split`. With `labels`, the
-    first-level sub-folder names are the classes. A file that cannot be read is skipped with a
-    warning naming it."""
+    """Every image file under `root` (recursively), or those named in `split`, its short side
+    resized to image_size and its centre cropped. With `labels`, the first-level sub-folder names
+    are the classes. A file that cannot be read is skipped with a warning naming it."""
 
     def __init__(self, root, image_size, labels=False, split=None):
         self.files = [f for f in image_files(root) if split is None or os.path.basename(f) in split]
@@ -132,7 +114,8 @@ class ImageFolder(Dataset):
                 raise ValueError(f"class labels need every image in a sub-folder (one per class) of {root!r}")
             self.classes = sorted({p[0] for p in parts})
             self.labels = [self.classes.index(p[0]) for p in parts]
-        self.root, self.transform = root, to_tensor(image_size)
+        self.root = root
+        self.transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor(), from_uint8])
         # files found unreadable, in memory shared with the DataLoader's workers: each is warned of once
         self.unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
         self[0]  # a folder of unreadable files fails here, in one line, not in a worker
@@ -171,12 +154,10 @@ def find_celeba(root):
     return None, None
 
 
-def celeba(data_dir, image_size=64):
-    """CelebA aligned faces: img_align_celeba/*.jpg in data_dir (default ./data) or in its
-    celeba/ folder, downloaded there by torchvision when missing; the official train split
-    when list_eval_partition.txt (or .csv) is beside it. Each 178x218 photo becomes its centre
-    178x178 square, resized."""
-    root = data_dir or "data"
+def celeba(root, image_size):
+    """CelebA aligned faces: img_align_celeba/*.jpg in root or in its celeba/ folder, downloaded
+    there by torchvision when missing; the official train split when list_eval_partition.txt (or
+    .csv) is beside it. Each 178x218 photo becomes its centre 178x178 square, resized."""
     images, partition = find_celeba(root)
     if images is None:  # torchvision's download, into root/celeba/ (Google Drive often refuses it)
         try:
@@ -198,26 +179,25 @@ def celeba(data_dir, image_size=64):
 
 
 def load_dataset(name, data_dir=None, image_size=None, class_labels=False):
-    """The training set `name`, with attributes channels, image_size, classes (names, [] for
-    none), num_classes and hflip."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    """The training set `name` (a key of DATASETS: callers check it), with attributes channels,
+    image_size, classes (names, [] for none), num_classes and hflip. mnist, cifar10 and celeba
+    are downloaded into data_dir (default ./data) when missing."""
     channels, size, hflip = DATASETS[name]
     size = image_size or size
-    if name == "mnist5k":
-        dataset, classes = mnist5k(size), DIGITS
-    elif name == "mnist":
-        dataset, classes = mnist(data_dir, size), DIGITS
+    root = data_dir or "data"
+    if name in ("mnist5k", "mnist"):
+        dataset = mnist(root, size, embedded=name == "mnist5k")
     elif name == "cifar10":
-        dataset, classes = cifar10(data_dir, size), CIFAR10_CLASSES
+        dataset = cifar10(root, size)
     elif name == "celeba":
-        dataset, classes = celeba(data_dir, size), []
-    else:
-        check_dir(data_dir, "image folder", "give --data-dir, a folder of images (any depth)")
+        dataset = celeba(root, size)
+    else:  # a folder of images, which --data-dir must name
+        if not data_dir or not os.path.isdir(data_dir):
+            raise FileNotFoundError((f"image folder not found at {data_dir!r}" if data_dir else "no --data-dir given")
+                                    + ": give --data-dir, a folder of images (any depth)")
         dataset = ImageFolder(data_dir, size, labels=class_labels)
-        classes = dataset.classes
     dataset.channels, dataset.image_size, dataset.hflip = channels, size, hflip
-    dataset.classes, dataset.num_classes = classes, len(classes)
+    dataset.num_classes = len(dataset.classes)
     return dataset
 
 

@@ -71,8 +71,7 @@ def check_sampler(p, args):
         p.error("--method ddpm takes every step (all T), with eta 1: --steps, --eta and --spacing are for ddim and dpm")
     if args.variance and args.method != "ddpm":
         p.error("--variance applies to --method ddpm (ddim and dpm set theirs with --eta)")
-    if not math.isfinite(args.guidance):
-        p.error("--guidance must be a finite number")
+    common.check(p, args, math.isfinite, "a finite number", "guidance")
     if args.guidance != 1 and args.label is None:
         p.error("--guidance needs --label (a class index, a class name or all)")
 
@@ -194,23 +193,21 @@ def save_image(image, path, frames=(), durations=None):
                    **dict(save_all=True, append_images=frames, duration=durations, loop=0) if frames else {})
 
 
-def export(diffusion, model, args, label, device, rank=0, world=1):
+def export(diffusion, model, args, label, device, rank, world):
     """--num-samples images from --first, a batch at a time, to an .npz and/or numbered PNGs.
     Under torchrun the processes take the batches in turn and rank 0 gathers them into the npz;
     image i is still drawn from seed + i."""
     shape = (args.num_samples, args.image_size, args.image_size, model.config.in_channels)
     common.writable(("--png-dir", args.png_dir and os.path.join(args.png_dir, f"{args.first:06d}.png")),
                     ("--npz", rank == 0 and args.npz))
-    with contextlib.ExitStack() as files:
-        npz = files.enter_context(common.npz_writer(args.npz, shape)) if args.npz and rank == 0 else None
-        bar = files.enter_context(tqdm(total=args.num_samples, unit="img", file=sys.stderr, disable=rank > 0))
+    writer = common.npz_writer(args.npz, shape) if args.npz and rank == 0 else contextlib.nullcontext()
+    with writer as npz, tqdm(total=args.num_samples, unit="img", file=sys.stderr, disable=rank > 0) as bar:
         done = args.first  # with one process: the PNGs before this one are written
         try:
             for turn in rounds(args.first, args.num_samples, args.batch_size, world):
                 batch = images(diffusion, model, args, turn[rank], label, device)
                 for i, image in zip(turn[rank], batch if args.png_dir else []):
-                    with common.atomic_write(os.path.join(args.png_dir, f"{i:06d}.png")) as f:
-                        Image.fromarray(image.numpy().squeeze()).save(f, format="png")
+                    save_image(Image.fromarray(image.numpy().squeeze()), os.path.join(args.png_dir, f"{i:06d}.png"))
                     done = i + 1
                 if args.npz and world > 1:
                     batch = common.gather(batch, [len(indices) for indices in turn], args.batch_size)
@@ -218,9 +215,8 @@ def export(diffusion, model, args, label, device, rank=0, world=1):
                     npz.write(batch.numpy().tobytes())
                 bar.update(sum(len(indices) for indices in turn))
         except (OSError, KeyboardInterrupt) as e:  # say what there is to go on from
-            end = args.first + args.num_samples
-            go_on = (f"images {args.first}..{done - 1} are in {args.png_dir}; go on with --first {done} "
-                     f"--num-samples {end - done}") if world == 1 and done > args.first else None
+            go_on = (f"images {args.first}..{done - 1} are in {args.png_dir}; go on with --first {done} --num-samples "
+                     f"{args.first + args.num_samples - done}") if world == 1 and done > args.first else None
             if isinstance(e, OSError):
                 raise OSError("; ".join(filter(None, [str(e), go_on]))) from None
             bar.close()

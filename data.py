@@ -103,7 +103,7 @@ class ImageFolder(Dataset):
     are the classes. A file that cannot be read is skipped with a warning naming it."""
 
     def __init__(self, root, image_size, labels=False, split=None):
-        self.files = [f for f in image_files(root) if split is None or os.path.basename(f) in split]
+        self.root, self.files = root, [f for f in image_files(root) if split is None or os.path.basename(f) in split]
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}"
                                     + ("" if split is None else " in the training split"))
@@ -114,7 +114,6 @@ class ImageFolder(Dataset):
                 raise ValueError(f"class labels need every image in a sub-folder (one per class) of {root!r}")
             self.classes = sorted({p[0] for p in parts})
             self.labels = [self.classes.index(p[0]) for p in parts]
-        self.root = root
         self.transform = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor(), from_uint8])
         # files found unreadable, in memory shared with the DataLoader's workers: each is warned of once
         self.unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()

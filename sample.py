@@ -108,7 +108,7 @@ def parse_label(label, classes):
         return "all"
     if label in classes and not label.isdigit():  # digits are an index, even where a class is named "3"
         return classes.index(label)
-    if not label.lstrip("-").isdigit() or not 0 <= int(label) < len(classes):
+    if not label.isdigit() or int(label) >= len(classes):
         names = ", ".join(classes) if len(classes) <= 20 else f"{classes[0]}, ..., {classes[-1]}"
         raise ValueError(f"--label must be 'all', a class index 0..{len(classes) - 1} or a class name "
                          f"({names}), not {label!r}")

@@ -58,9 +58,9 @@ def generators(seed, indices):
 
 class Diffusion:
     def __init__(self, T=1000, schedule="linear", objective="eps", device="cpu", variance="small", clip=True):
-        for name, value, choices in (("schedule", schedule, ("linear", "cosine")), ("objective", objective,
-                                     ("eps", "v", "x0")), ("variance", variance, ("small", "large"))):
-            check_choice(name, value, choices)
+        check_choice("schedule", schedule, ("linear", "cosine"))
+        check_choice("objective", objective, ("eps", "v", "x0"))
+        check_choice("variance", variance, ("small", "large"))
         if T < 2:
             raise ValueError(f"T must be at least 2, got {T}")
         self.T, self.objective, self.variance, self.clip = T, objective, variance, clip
@@ -69,7 +69,7 @@ class Diffusion:
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         to = lambda a: a.to(device=device, dtype=torch.float32)
-        self.betas, self.alpha_bar, self.alpha_bar_prev = to(betas), to(alpha_bar), to(alpha_bar_prev)
+        self.betas, self.alpha_bar = to(betas), to(alpha_bar)
         self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = to(alpha_bar.sqrt()), to((1 - alpha_bar).sqrt())
         # q(x_{t-1} | x_t, x_0), Ho et al. eq. 6-7: mean = coef_x0 * x0 + coef_xt * xt
         posterior_variance = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)
@@ -251,8 +251,7 @@ class Diffusion:
         does that over a fraction of each step (as in k-diffusion). The network is evaluated at
         `steps` timesteps above 0; the last step, to sigma = 0, is first order: it lands on the
         predicted x0, as diffusers' does (a 2nd-order one overshoots, see the README)."""
-        device = self.betas.device
-        x = randn(shape, generator, device) if x is None else x
+        x = randn(shape, generator, self.betas.device) if x is None else x
         ts = self.timesteps(steps + 1, spacing, start)[:-1]  # t = 0 is where the last step lands, not evaluated
         alpha, sigma, lam = self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar, self.lam
         prev = h_prev = None
@@ -266,7 +265,7 @@ class Diffusion:
                 d = pred if prev is None or order == 1 else pred + (pred - prev) * h / (2 * h_prev)  # eq. 12
                 x = sigma[s] / sigma[t] * torch.exp(-eta * h) * x - alpha[s] * torch.expm1(-(1 + eta) * h) * d
                 if eta > 0:
-                    x = x + sigma[s] * (-torch.expm1(-2 * eta * h)).sqrt() * randn(shape, generator, device)
+                    x = x + sigma[s] * (-torch.expm1(-2 * eta * h)).sqrt() * randn(shape, generator, x.device)
                 prev, h_prev = pred, h
             if callback:
                 callback(i, steps, x, pred)
@@ -292,6 +291,5 @@ class Diffusion:
             kwargs.update(x=self.q_sample(x0, start, randn(shape, kwargs.get("generator"), x0.device)), start=start)
         if method == "ddpm":
             return self.ddpm_sample(model, shape, variance, **kwargs)
-        if method == "ddim":
-            return self.ddim_sample(model, shape, steps, eta, spacing, **kwargs)
-        return self.dpm_sample(model, shape, steps, eta, spacing, **kwargs)
+        sampler = self.ddim_sample if method == "ddim" else self.dpm_sample
+        return sampler(model, shape, steps, eta, spacing, **kwargs)

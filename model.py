@@ -31,10 +31,7 @@ class UNetConfig:
     def __post_init__(self):
         self.channels, self.attention = tuple(self.channels), tuple(bool(a) for a in self.attention)
         if len(self.channels) != len(self.attention):
-            raise ValueError(f"channels {self.channels} and attention {self.attention} "
-                             "must have one entry per level")
-        if self.layout not in ("ours", "ho"):
-            raise ValueError(f"unknown layout {self.layout!r}: use ours or ho")
+            raise ValueError(f"channels {self.channels} and attention {self.attention} must have one entry per level")
         for c, attention in zip(self.channels, self.attention):
             if c < 4 or c % 4 or c // 4 > 32 and c % 32:
                 raise ValueError(f"channel width {c} must be a multiple of 4 (of 32 above 128)")
@@ -171,8 +168,7 @@ class UNet(nn.Module):
         super().__init__()
         self.config = c = config
         emb_dim = 4 * c.time_emb_dim
-        self.time_mlp = nn.Sequential(nn.Linear(c.time_emb_dim, emb_dim), nn.SiLU(),
-                                      nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(c.time_emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # index num_classes is "no label": unconditional samples, classifier-free guidance
         self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1)

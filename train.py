@@ -290,7 +290,7 @@ def loop(run):
     log = common.RunLog(args, step, run.world) if run.rank == 0 else None
     totals, interrupt, stop = common.zero_totals(run.device), common.Interrupt(), 0
     try:
-        while step < args.max_steps:
+        while step < args.max_steps and not stop:
             x, y = next(data)  # step i trains on batch i, skipped or not: a resumed run goes on from there
             if run.dataset.hflip:
                 x = random_hflip(x)
@@ -318,8 +318,6 @@ def loop(run):
             if logs:
                 totals = common.zero_totals(run.device, totals["run"])
             if run.rank > 0:  # only rank 0 logs, saves and samples
-                if stop:
-                    break
                 continue
             if logs:
                 log.line(step, read, learning_rate(step - 1, args))
@@ -333,7 +331,6 @@ def loop(run):
                 log.grid(step, save_grid(run, step))
             if stop:
                 print(f"saved {run.ckpt_path} at step {step}; resume with --resume", file=sys.stderr)
-                break
     finally:
         interrupt.restore()
         if log:

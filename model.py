@@ -143,10 +143,6 @@ class DownBlock(Level):
         super().__init__([in_ch] + [out_ch] * (num_res - 1), out_ch, emb_dim, attention, dropout)
         self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1) if downsample else nn.Identity()
 
-    def forward(self, x, emb):
-        skip = super().forward(x, emb)
-        return self.down(skip), skip
-
 
 class UpBlock(Level):
     def __init__(self, in_ch, skip_ch, out_ch, emb_dim, num_res, attention, dropout, upsample):
@@ -209,9 +205,9 @@ class UNet(nn.Module):
 
     def body(self, x, emb):
         skips = []
-        for down in self.downs:
-            x, skip = down(x, emb)
-            skips.append(skip)
+        for level in self.downs:  # its output, before the downsampling, is the skip of its UpBlock
+            skips.append(level(x, emb))
+            x = level.down(skips[-1])
         for res in self.neck:
             x = res(x, emb)
         for up in self.ups:

@@ -149,13 +149,6 @@ class UpBlock(Level):
         super().__init__([in_ch + skip_ch] + [out_ch] * (num_res - 1), out_ch, emb_dim, attention, dropout)
         self.upsample = upsample
 
-    def forward(self, x, skip, emb):
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            if x.requires_grad:  # its gradient, a channel slice of cat's, made dense: 5x faster backward
-                x.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
-        return super().forward(torch.cat([x, skip], dim=1), emb)
-
 
 class UNet(nn.Module):
     freq_shift, norm_eps = 0, 1e-5  # the timestep embedding's and GroupNorm's (torch's default)
@@ -210,8 +203,12 @@ class UNet(nn.Module):
             x = level.down(skips[-1])
         for res in self.neck:
             x = res(x, emb)
-        for up in self.ups:
-            x = up(x, skips.pop(), emb)
+        for level in self.ups:
+            if level.upsample:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+                if x.requires_grad:  # its gradient, a channel slice of cat's, made dense: 5x faster backward
+                    x.register_hook(lambda grad: grad.contiguous(memory_format=torch.channels_last))
+            x = level(torch.cat([x, skips.pop()], dim=1), emb)
         return x
 
 

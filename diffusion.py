@@ -184,13 +184,13 @@ class Diffusion:
         """Ancestral sampling over all T steps, Ho et al. 2020 Algorithm 2, with the posterior
         mean of x0 (eq. 7) so that x0 can be clipped; variance "small" or "large" (see __init__),
         None = the diffusion's own. Samplers start from noise at T-1, or from x at t = start."""
-        device, sigma2 = self.betas.device, self.sigma2[variance or self.variance]
-        x, top = randn(shape, generator, device) if x is None else x, self.T - 1 if start is None else start
+        sigma2, top = self.sigma2[variance or self.variance], self.T - 1 if start is None else start
+        x = randn(shape, generator, self.betas.device) if x is None else x
         for i, t in enumerate(range(top, -1, -1)):
             pred, _ = self.predict(model, x, t, y, guidance)
             x = self.posterior_coef_x0[t] * pred + self.posterior_coef_xt[t] * x
             if t > 0:  # no noise on the last step
-                x = x + sigma2[t].sqrt() * randn(shape, generator, device)
+                x = x + sigma2[t].sqrt() * randn(shape, generator, x.device)
             if callback:
                 callback(i, top + 1, x, pred)
         return x

@@ -32,6 +32,8 @@ class UNetConfig:
         self.channels, self.attention = tuple(self.channels), tuple(bool(a) for a in self.attention)
         if len(self.channels) != len(self.attention):
             raise ValueError(f"channels {self.channels} and attention {self.attention} must have one entry per level")
+        if self.layout not in ("ours", "ho"):
+            raise ValueError(f"unknown layout {self.layout!r}: use ours or ho")
         for c, attention in zip(self.channels, self.attention):
             if c < 4 or c % 4 or c // 4 > 32 and c % 32:
                 raise ValueError(f"channel width {c} must be a multiple of 4 (of 32 above 128)")

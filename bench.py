@@ -16,7 +16,6 @@ consecutive training steps with no sync between them, as train.py's loop runs th
 and, on a GPU, the busy fraction (the profiler's summed kernel time over the wall time), with
 any host read of a device value in a step an error (torch.cuda.set_sync_debug_mode).
 """
-import argparse
 import copy
 import resource
 import statistics
@@ -152,7 +151,7 @@ def bench(args):
     torch.manual_seed(0)
     model = build_unet(config).to(device)
     diffusion = Diffusion(targs.timesteps, targs.schedule, targs.objective, device)
-    dtype = train.amp_dtype(targs, device)
+    dtype = common.amp_dtype(targs.dtype, device)
     peak = matmul_peak(device, dtype or torch.float32)  # bf16 autocast is measured against a bf16 peak
     if device.type == "cuda":  # the peak memory printed is the model's, not the 8192^2 matmuls'
         torch.cuda.reset_peak_memory_stats(device)

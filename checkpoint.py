@@ -39,23 +39,20 @@ def config_dict(config):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def state(model, ema, optimizer, scaler, step, args, classes, device):
-    """Everything a resume needs, refused if the weights are not finite (a resume would go on from NaN)."""
-    for name, net in (("weights", model), ("EMA weights", ema)):
+def state(run, step):
+    """Everything a resume needs, from a training run (train.setup's: its model, ema, optimizer, scaler,
+    args, classes and device), refused if the weights are not finite (a resume would go on from NaN)."""
+    args, device = run.args, run.device
+    for name, net in (("weights", run.model), ("EMA weights", run.ema)):
         if not all(torch.isfinite(p).all() for p in net.parameters()):
             raise FloatingPointError(f"the {name} are not finite at step {step}: checkpoint not written")
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "model_config": config_dict(model.config),
+    return {"model": run.model.state_dict(), "ema": run.ema.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "step": step, "model_config": config_dict(run.model.config),
             "diffusion": {"T": args.timesteps, "schedule": args.schedule, "objective": args.objective,
                           "variance": args.variance, "clip": getattr(args, "clip", True)},
-            "args": vars(args), "classes": list(classes),
+            "args": vars(args), "classes": list(run.classes),
             "rng": {"torch": torch.get_rng_state(),  # and the training GPU's alone: a resume may see fewer
                     "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}}
-
-
-def ema_export(ckpt):
-    """The EMA weights alone, in fp16, with what sample.py needs: a small file to sample from or share."""
-    return {**{k: ckpt[k] for k in EXPORT}, "ema": {k: v.half() for k, v in ckpt["ema"].items()}}
 
 
 def save(ckpt, path, keep_previous=True):
@@ -77,6 +74,12 @@ def save(ckpt, path, keep_previous=True):
         reason = str(e) if isinstance(e, OSError) else f"could not write {path} ({e}; is the disk full?)"
         intact = "; the previous checkpoint is intact" if keep_previous and os.path.exists(path) else ""
         raise OSError(reason + intact) from None
+
+
+def save_export(ckpt, path):
+    """Write the EMA weights alone, in fp16, with what sample.py needs: a small file to sample from or share."""
+    export = {**{k: ckpt[k] for k in EXPORT}, "ema": {k: v.half() for k, v in ckpt["ema"].items()}}
+    save(export, path, keep_previous=False)
 
 
 def load(path, full=None):

@@ -20,6 +20,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 
 # ---------------------------------------------------------------- flags
@@ -231,6 +232,13 @@ def use_gpu(device):
     torch.backends.cudnn.allow_tf32 = True
 
 
+def amp_dtype(name, device):
+    """The autocast dtype of --dtype `name`, or None for plain fp32."""
+    if name == "auto":  # bf16 on CUDA, or fp16 on GPUs without it
+        return None if device.type != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def setup(name):
     """(rank, world size, device) for --device `name`; starts the process group under torchrun."""
     keep_freed_memory()
@@ -322,6 +330,14 @@ def atomic_write(path, sync=False):
     finally:  # after an error (after the rename, there is no temp file left)
         with contextlib.suppress(OSError):  # never made, or its folder is not there
             os.remove(tmp)
+
+
+def save_image(image, path, frames=(), durations=None):
+    """A PIL image to `path`, whole or not at all, in the format its extension names; with
+    `frames` after it, an animated GIF that loops, each image shown for its duration (ms)."""
+    with atomic_write(path) as f:
+        image.save(f, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()],
+                   **dict(save_all=True, append_images=frames, duration=durations, loop=0) if frames else {})
 
 
 @contextlib.contextmanager

@@ -109,10 +109,10 @@ def interpolate(diffusion, model, args, images, label, device):
           "at the ends (more --steps, less)", file=sys.stderr)
     out = args.out or os.path.join(sample.beside(args.ckpt), "interpolation.png")
     common.writable(("--out", out), ("--gif", args.gif))
-    sample.save_image(sample.to_pil_grid(frames, args.frames), out)
+    common.save_image(sample.to_pil_grid(frames, args.frames), out)
     if args.gif:  # there and back, 0.2 s a frame
         strip = [sample.to_pil_grid(frame[None], 1) for frame in torch.cat([frames, frames.flip(0)[1:-1]])]
-        sample.save_image(strip[0], args.gif, strip[1:], [200] * len(strip))
+        common.save_image(strip[0], args.gif, strip[1:], [200] * len(strip))
         print(args.gif)
     return out
 
@@ -132,12 +132,12 @@ def edit(args):
         if abs(w / h - sizes[0][0] / sizes[0][1]) > 0.01:  # it would be cropped otherwise than the image
             raise ValueError(f"--mask {args.mask} is {w}x{h} and --image {args.image[0]} {sizes[0][0]}x{sizes[0][1]}: "
                              "give a mask of the image's shape")
-        return sample.sample_grid(diffusion, model, args, label, device, "inpainting", x0=images,
+        return sample.sample_grid(diffusion, model, args, label, "inpainting", x0=images,
                                   mask=mask.to(device), jump=(args.jump_length, args.jump_n_sample))
     start = round(args.strength * diffusion.T) - 1  # t0 = strength * T, counted from 0
     steps = args.steps or diffusion.default_steps(args.method)  # from t0 down: at most t0 + 1 (t0 for dpm)
     args.steps = max(1, min(steps, start + (args.method != "dpm")))
-    return sample.sample_grid(diffusion, model, args, label, device, "variations", x0=images, start=start)
+    return sample.sample_grid(diffusion, model, args, label, "variations", x0=images, start=start)
 
 
 def main(argv=None):

@@ -249,7 +249,7 @@ def score(args):
         if key not in refs:
             refs[key] = reference(args, *key, net, device, tag)
         t1 = time.time()
-        batches = (sample.images(diffusion, model, args, indices, label, device)
+        batches = (sample.images(diffusion, model, args, indices, label)
                    for [indices] in sample.rounds(0, args.num_samples, args.batch_size, 1))
         pool, logits, seconds = features(net, batches, args.num_samples, device, f"samples: {path}")
         steps = args.steps or diffusion.default_steps(args.method)

@@ -121,27 +121,24 @@ def to_pil_grid(x, nrow):
     return Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze())
 
 
-def generate(diffusion, model, args, indices, labels, callback=None, **given):
-    """Images indices[0..] (each from its own seed), from the sampler args.method picks; `given`
-    goes to diffusion.sample (an image to start from, and its start or mask, for edit.py)."""
-    shape = (len(indices), model.config.in_channels, args.image_size, args.image_size)
-    return diffusion.sample(model, shape, args.method, args.steps, args.eta, args.spacing, args.variance,
-                            generator=generators(args.seed, indices), y=labels, guidance=args.guidance, callback=callback, **given)
-
-
-def class_labels(indices, label, num_classes, device, per_class=1):
-    """The images' labels for `label`: None, one class for all, or "all": every class in turn,
-    per_class images each."""
-    return None if label is None else torch.tensor(
-        [i // per_class % num_classes if label == "all" else label for i in indices], device=device)
-
-
-def images(diffusion, model, args, indices, label, device):
-    """Images indices[0..] as uint8 NHWC on the CPU, with `label` (None, "all" or a class)."""
+def generate(diffusion, model, args, indices, label, callback=None, per_class=1, **given):
+    """Images indices[0..] (each from its own seed), from the sampler args.method picks, with `label`:
+    None, one class for all, or "all", every class in turn, per_class images each. `given` goes to
+    diffusion.sample (an image to start from, and its start or mask, for edit.py)."""
     c = model.config
+    labels = None if label is None else torch.tensor(
+        [i // per_class % c.num_classes if label == "all" else label for i in indices], device=diffusion.betas.device)
+    shape = (len(indices), c.in_channels, args.image_size, args.image_size)
+    return diffusion.sample(model, shape, args.method, args.steps, args.eta, args.spacing, args.variance,
+                            generator=generators(args.seed, indices), y=labels, guidance=args.guidance,
+                            callback=callback, **given)
+
+
+def images(diffusion, model, args, indices, label):
+    """Images indices[0..] as uint8 NHWC on the CPU, with `label` (see generate)."""
     if not indices:
-        return torch.empty(0, args.image_size, args.image_size, c.in_channels, dtype=torch.uint8)
-    return to_uint8(generate(diffusion, model, args, indices, class_labels(indices, label, c.num_classes, device)))
+        return torch.empty(0, args.image_size, args.image_size, model.config.in_channels, dtype=torch.uint8)
+    return to_uint8(generate(diffusion, model, args, indices, label))
 
 
 def rounds(first, num_samples, batch_size, world):
@@ -152,12 +149,11 @@ def rounds(first, num_samples, batch_size, world):
                for i in range(start, start + batch_size * world, batch_size)]
 
 
-def sample_grid(diffusion, model, args, label, device, name="sample", progress=True, **given):
+def sample_grid(diffusion, model, args, label, name="sample", progress=True, **given):
     """One grid PNG (and a GIF of the denoising when asked), by default name_<method>.png beside
     the checkpoint, with a progress bar unless told; `given` goes to generate. Returns the PNG's path."""
     num_classes, nrow = model.config.num_classes, args.nrow
     n = nrow * (num_classes if label == "all" else nrow)  # "all": a row per class
-    labels = class_labels(range(n), label, num_classes, device, per_class=nrow)
     if n > 1024:  # one batch
         raise ValueError(f"a grid of {n} images is more than one batch should hold: use a smaller "
                          "--nrow, or --num-samples with --npz or --png-dir for many images")
@@ -171,11 +167,12 @@ def sample_grid(diffusion, model, args, label, device, name="sample", progress=T
         if args.gif and i in np.linspace(0, steps - 1, min(steps, 80)).round():  # ~80 GIF frames
             frames.append(to_pil_grid(x.clamp(-1, 1), nrow))
 
-    x = generate(diffusion, model, args, range(n), labels, callback, **given)
+    x = generate(diffusion, model, args, range(n), label, callback, per_class=nrow, **given)
     bar.close()
-    save_image(to_pil_grid(x, nrow), out)
+    common.save_image(to_pil_grid(x, nrow), out)
     if args.gif:  # about 3 s of denoising whatever the step count, then the last frame held for 2 s
-        save_image(frames[0], args.gif, frames[1:], [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000])
+        durations = [max(40, 3000 // len(frames))] * (len(frames) - 1) + [2000]
+        common.save_image(frames[0], args.gif, frames[1:], durations)
         print(args.gif)
     return out
 
@@ -185,15 +182,7 @@ def beside(ckpt):
     return (os.path.dirname(ckpt) if os.path.exists(ckpt) else "") or "."
 
 
-def save_image(image, path, frames=(), durations=None):
-    """A PIL image to `path`, whole or not at all, in the format its extension names; with
-    `frames` after it, an animated GIF that loops, each image shown for its duration (ms)."""
-    with common.atomic_write(path) as f:
-        image.save(f, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()],
-                   **dict(save_all=True, append_images=frames, duration=durations, loop=0) if frames else {})
-
-
-def export(diffusion, model, args, label, device, rank, world):
+def export(diffusion, model, args, label, rank, world):
     """--num-samples images from --first, a batch at a time, to an .npz and/or numbered PNGs.
     Under torchrun the processes take the batches in turn and rank 0 gathers them into the npz;
     image i is still drawn from seed + i."""
@@ -205,9 +194,10 @@ def export(diffusion, model, args, label, device, rank, world):
         done = args.first  # with one process: the PNGs before this one are written
         try:
             for turn in rounds(args.first, args.num_samples, args.batch_size, world):
-                batch = images(diffusion, model, args, turn[rank], label, device)
+                batch = images(diffusion, model, args, turn[rank], label)
                 for i, image in zip(turn[rank], batch if args.png_dir else []):
-                    save_image(Image.fromarray(image.numpy().squeeze()), os.path.join(args.png_dir, f"{i:06d}.png"))
+                    path = os.path.join(args.png_dir, f"{i:06d}.png")
+                    common.save_image(Image.fromarray(image.numpy().squeeze()), path)
                     done = i + 1
                 if args.npz and world > 1:
                     batch = common.gather(batch, [len(indices) for indices in turn], args.batch_size)
@@ -249,9 +239,9 @@ def sample(args):
                          "--png-dir); a grid takes one process")
     model, diffusion, label, _ = load(args.ckpt, args, device)
     if args.num_samples:
-        path = export(diffusion, model, args, label, device, rank, world)
+        path = export(diffusion, model, args, label, rank, world)
     else:
-        path = sample_grid(diffusion, model, args, label, device)
+        path = sample_grid(diffusion, model, args, label)
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank == 0:

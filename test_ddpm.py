@@ -1058,10 +1058,10 @@ def test_interrupted_export_leaves_no_temporary_file(tmp_path, trained, monkeypa
 def test_interrupted_png_export_says_where_to_go_on(tmp_path, trained, monkeypatch, capsys):
     real_generate = sample.generate
 
-    def generate(diffusion, model, args, indices, labels, callback=None):
+    def generate(diffusion, model, args, indices, label, callback=None):
         if indices[0] >= 4:  # after two batches of two
             raise KeyboardInterrupt
-        return real_generate(diffusion, model, args, indices, labels, callback)
+        return real_generate(diffusion, model, args, indices, label, callback)
     monkeypatch.setattr(sample, "generate", generate)
     argv = ["--ckpt", str(trained / "ckpt.pt"), "--steps", "2", "--batch-size", "2", "--num-samples", "6",
             "--first", "1", "--png-dir", str(tmp_path)]

@@ -148,13 +148,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- training helpers
 
-def amp_dtype(args, device):
-    """The autocast dtype, or None for plain fp32."""
-    if args.dtype == "auto":  # bf16 on CUDA, or fp16 on GPUs without it
-        return None if device.type != "cuda" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-
-
 def unet_config(args, channels, num_classes=0):
     """The UNet the model flags describe, for images with `channels` channels."""
     return UNetConfig(channels, args.channels, args.attention, args.num_res, args.neck_length,
@@ -212,18 +205,13 @@ def train_step(net, diffusion, optimizer, scaler, params, x, y, args, dtype, wor
     return losses.detach(), t, grad_norm, skip, flags[0] if scaler.is_enabled() else skip
 
 
-def run_state(run, step):
-    """The run's checkpoint at `step` (see checkpoint.py)."""
-    return checkpoint.state(run.model, run.ema, run.optimizer, run.scaler, step, run.args, run.classes, run.device)
-
-
 def save_grid(run, step):
     """The images `python sample.py --nrow 4` (--label all --nrow 10 with classes) draws from this
     step's checkpoint: EMA weights, the default sampler, the same noise at every step."""
     path = os.path.join(run.args.out_dir, "samples", f"step_{step:07d}.png")
     flags = sample.parse_args(["--nrow", "10" if run.classes else "4", "--seed", str(run.args.seed), "--out", path])
     flags.image_size = run.args.image_size
-    return sample.sample_grid(run.diffusion, run.ema, flags, "all" if run.classes else None, run.device, progress=False)
+    return sample.sample_grid(run.diffusion, run.ema, flags, "all" if run.classes else None, progress=False)
 
 
 # ---------------------------------------------------------------- the run
@@ -257,7 +245,7 @@ def setup(args):
         checkpoint.check_fits(init, config, args)
         model.load_state_dict(init["ema"])
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    dtype = amp_dtype(args, device)
+    dtype = common.amp_dtype(args.dtype, device)
     optimizer, scaler = make_optimizer(model, args, device, dtype)
     torch.manual_seed(args.seed + rank)  # different noise on every rank
     step = 0 if ckpt is None else checkpoint.restore(ckpt, ckpt_path, model, ema, optimizer, scaler, device)
@@ -321,12 +309,11 @@ def loop(run):
                 continue
             if logs:
                 log.line(step, read, learning_rate(step - 1, args))
-            state = run_state(run, step) if saves or stop or keeps else None
+            state = checkpoint.state(run, step) if saves or stop or keeps else None
             if saves or stop:  # first: whatever the grid does
                 checkpoint.save(state, run.ckpt_path)
             if keeps:  # a history to sample from and score (fid.py)
-                checkpoint.save(checkpoint.ema_export(state), os.path.join(
-                    args.out_dir, "snapshots", f"ema_{step:07d}.pt"), keep_previous=False)
+                checkpoint.save_export(state, os.path.join(args.out_dir, "snapshots", f"ema_{step:07d}.pt"))
             if grids:
                 log.grid(step, save_grid(run, step))
             if stop:
@@ -348,7 +335,7 @@ def train(args):
         sys.exit(128 + stop)
     if run.rank == 0:
         export = os.path.join(run.args.out_dir, "ema_fp16.pt")
-        checkpoint.save(checkpoint.ema_export(run_state(run, run.step)), export, keep_previous=False)
+        checkpoint.save_export(checkpoint.state(run, run.step), export)
         print(f"done: {run.ckpt_path}, {export}")
     return run.model, run.ema
 
